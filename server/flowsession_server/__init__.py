@@ -1,0 +1,1 @@
+"""flowsession server: runs identity-verification flow sessions over gRPC, stored in SQLite."""

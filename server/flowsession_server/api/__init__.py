@@ -1,0 +1,1 @@
+"""gRPC layer: servicers, proto <-> domain conversion, error mapping and server bootstrap."""

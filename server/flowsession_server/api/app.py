@@ -1,0 +1,106 @@
+"""Server bootstrap: wires store, hub, expiry scheduler, servicers, health and reflection."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from flowsession.v1 import flow_service_pb2, flow_service_pb2_grpc, session_service_pb2, session_service_pb2_grpc
+
+from ..clock import Clock, SystemClock
+from ..config import Settings
+from ..domain.model import SessionEvent
+from ..events.hub import Hub
+from ..expiry import ExpiryScheduler
+from ..store.store import Store
+from .flow_service import FlowService
+from .session_service import SessionService
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    flow_service_pb2.DESCRIPTOR.services_by_name["FlowService"].full_name,
+    session_service_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
+)
+
+# Clients ping idle streams every 60 s (flowsession.client.KEEPALIVE_OPTIONS); allowing one every 30 s
+# leaves room, so no client gets a too_many_pings GOAWAY. The server pings too, to find dead peers.
+SERVER_OPTIONS: Sequence[tuple[str, int]] = (
+    ("grpc.keepalive_time_ms", 120_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
+    ("grpc.http2.max_ping_strikes", 2),
+    ("grpc.max_connection_age_grace_ms", 30_000),
+)
+
+
+class FlowsessionServer:
+    """A running server. ``stop()`` is the graceful shutdown that SIGTERM triggers."""
+
+    def __init__(self, settings: Settings, clock: Clock):
+        self.settings = settings
+        self.clock = clock
+        self.hub = Hub(queue_size=settings.watch_queue)
+        self.store = Store(settings.db_path, clock, synchronous=settings.synchronous, read_threads=settings.read_threads)
+        self.expiry = ExpiryScheduler(self.store, clock)
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(options=SERVER_OPTIONS)
+        self.port = 0
+        self._stopped = asyncio.Event()
+
+    def _on_commit(self, events: list[SessionEvent]) -> None:
+        self.hub.publish(events)
+        self.expiry.observe(events)
+
+    def _on_health(self, _writable: bool) -> None:
+        asyncio.ensure_future(self._publish_health())
+
+    async def _publish_health(self) -> None:
+        serving = self.store.writable and self.expiry.running and not self._stopped.is_set()
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def start(self, address: str) -> int:
+        await self.store.open(self._on_commit, self._on_health)
+        self.expiry.start().add_done_callback(self._expiry_ended)
+        flow_service_pb2_grpc.add_FlowServiceServicer_to_server(FlowService(self.store, self.settings.environments), self.server)
+        session_service_pb2_grpc.add_SessionServiceServicer_to_server(
+            SessionService(self.store, self.hub, self.settings.environments), self.server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+        self.port = self.server.add_insecure_port(address)
+        await self.server.start()
+        await self._publish_health()
+        return self.port
+
+    def _expiry_ended(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.error("expiry scheduler stopped", exc_info=task.exception())
+        asyncio.ensure_future(self._publish_health())
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking calls, end watch streams with UNAVAILABLE, let in-flight calls finish, commit, close."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        await self._publish_health()
+        self.hub.close()
+        await self.server.stop(self.settings.shutdown_grace if grace is None else grace)
+        await self.expiry.stop()
+        await self.store.close()
+
+
+async def build_server(settings: Settings, address: str, *, clock: Clock | None = None) -> tuple[FlowsessionServer, int]:
+    """Starts a server on ``address`` (port 0 picks a free one); returns it with the bound port."""
+    server = FlowsessionServer(settings, clock or SystemClock())
+    port = await server.start(address)
+    return server, port

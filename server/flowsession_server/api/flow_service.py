@@ -1,0 +1,128 @@
+"""FlowService: thin servicers that parse, call one store operation and convert."""
+from __future__ import annotations
+
+import grpc
+
+from flowsession.v1 import flow_service_pb2 as pb, flow_service_pb2_grpc
+
+from ..domain import flowgraph, limits, paging, validation
+from ..domain.errors import Violations
+from ..store.codec import to_us
+from ..store.store import Store
+from . import convert, errors
+
+
+def _graph(v: Violations, request: pb.CreateFlowVersionRequest | pb.UpdateFlowVersionRequest):
+    for i, step in enumerate(request.steps):
+        if convert.outcome_from_pb(step.outcome) is None:
+            v.add(f"steps[{i}].outcome", f"unknown outcome value {step.outcome}")
+    return convert.graph_from_pb(request.start_step_id, request.steps)
+
+
+class FlowService(flow_service_pb2_grpc.FlowServiceServicer):
+    def __init__(self, store: Store, environments: frozenset[str]):
+        self._store = store
+        self._environments = environments
+
+    @errors.unary
+    async def CreateFlow(self, request: pb.CreateFlowRequest, context: grpc.aio.ServicerContext) -> pb.CreateFlowResponse:
+        v = Violations()
+        validation.text(v, "name", request.name, max_len=limits.MAX_NAME, required=True)
+        validation.text(v, "description", request.description, max_len=limits.MAX_DESCRIPTION)
+        v.raise_if_any()
+        flow = await self._store.create_flow(request.name, request.description)
+        return pb.CreateFlowResponse(flow=convert.flow_pb(flow))
+
+    @errors.unary
+    async def GetFlow(self, request: pb.GetFlowRequest, context: grpc.aio.ServicerContext) -> pb.GetFlowResponse:
+        v = Violations()
+        validation.identifier(v, "flow_id", request.flow_id)
+        v.raise_if_any()
+        return pb.GetFlowResponse(flow=convert.flow_pb(await self._store.get_flow(request.flow_id)))
+
+    @errors.unary
+    async def ListFlows(self, request: pb.ListFlowsRequest, context: grpc.aio.ServicerContext) -> pb.ListFlowsResponse:
+        v = Violations()
+        size = validation.page_size(v, request.page_size)
+        v.raise_if_any()
+        key = self._store.keys.page_key
+        after = paging.decode(key, ["flows"], request.page_token)
+        flows = await self._store.list_flows(after, size + 1)
+        token = ""
+        if len(flows) > size:
+            flows = flows[:size]
+            last = flows[-1]
+            token = paging.encode(key, ["flows"], [to_us(last.create_time), last.flow_id])
+        return pb.ListFlowsResponse(flows=[convert.flow_pb(f) for f in flows], next_page_token=token)
+
+    @errors.unary
+    async def CreateFlowVersion(
+        self, request: pb.CreateFlowVersionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CreateFlowVersionResponse:
+        v = Violations()
+        validation.identifier(v, "flow_id", request.flow_id)
+        graph = _graph(v, request)
+        v.raise_if_any()
+        timeout = convert.execution_timeout(request)
+        flowgraph.validate(graph, timeout)
+        fv = await self._store.create_flow_version(request.flow_id, graph, timeout)
+        return pb.CreateFlowVersionResponse(flow_version=convert.flow_version_pb(fv))
+
+    @errors.unary
+    async def UpdateFlowVersion(
+        self, request: pb.UpdateFlowVersionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.UpdateFlowVersionResponse:
+        v = Violations()
+        validation.identifier(v, "flow_id", request.flow_id)
+        validation.version_number(v, "version", request.version)
+        graph = _graph(v, request)
+        v.raise_if_any()
+        timeout = convert.execution_timeout(request)
+        flowgraph.validate(graph, timeout)
+        fv = await self._store.update_flow_version(request.flow_id, request.version, graph, timeout)
+        return pb.UpdateFlowVersionResponse(flow_version=convert.flow_version_pb(fv))
+
+    @errors.unary
+    async def PublishFlowVersion(
+        self, request: pb.PublishFlowVersionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.PublishFlowVersionResponse:
+        v = Violations()
+        validation.identifier(v, "flow_id", request.flow_id)
+        validation.version_number(v, "version", request.version)
+        validation.environment(v, request.environment, self._environments)
+        v.raise_if_any()
+        fv, flow = await self._store.publish_flow_version(request.flow_id, request.version, request.environment)
+        return pb.PublishFlowVersionResponse(flow_version=convert.flow_version_pb(fv), flow=convert.flow_pb(flow))
+
+    @errors.unary
+    async def GetFlowVersion(
+        self, request: pb.GetFlowVersionRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetFlowVersionResponse:
+        v = Violations()
+        validation.identifier(v, "flow_id", request.flow_id)
+        validation.version_number(v, "version", request.version)
+        v.raise_if_any()
+        fv = await self._store.get_flow_version(request.flow_id, request.version)
+        return pb.GetFlowVersionResponse(flow_version=convert.flow_version_pb(fv))
+
+    @errors.unary
+    async def ListFlowVersions(
+        self, request: pb.ListFlowVersionsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListFlowVersionsResponse:
+        v = Violations()
+        validation.identifier(v, "flow_id", request.flow_id)
+        size = validation.page_size(v, request.page_size)
+        v.raise_if_any()
+        key = self._store.keys.page_key
+        query = ["flow_versions", request.flow_id]
+        after = paging.decode(key, query, request.page_token)
+        versions = await self._store.list_flow_versions(request.flow_id, after[0] if after else 0, size + 1)
+        token = ""
+        if len(versions) > size:
+            versions = versions[:size]
+            token = paging.encode(key, query, [versions[-1].version])
+        return pb.ListFlowVersionsResponse(
+            flow_versions=[convert.flow_version_pb(fv) for fv in versions], next_page_token=token
+        )
+
+

@@ -1,0 +1,74 @@
+"""`flowsession serve`: flags, with FLOWSESSION_* environment variables as defaults."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from dataclasses import replace
+
+from .api.app import build_server
+from .config import DEFAULT_ENVIRONMENTS, Settings
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+def _parser() -> argparse.ArgumentParser:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(prog="flowsession", description="Run identity-verification flow sessions over gRPC.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve the gRPC API")
+    serve.add_argument("--address", default=env("FLOWSESSION_ADDRESS", DEFAULT_ADDRESS), help="HOST:PORT; port 0 picks a free one")
+    serve.add_argument("--db", default=env("FLOWSESSION_DB", Settings.db_path), help="SQLite database file")
+    serve.add_argument(
+        "--environments",
+        default=env("FLOWSESSION_ENVIRONMENTS", ",".join(DEFAULT_ENVIRONMENTS)),
+        help="comma-separated environment names",
+    )
+    serve.add_argument(
+        "--synchronous",
+        choices=("FULL", "NORMAL"),
+        default=env("FLOWSESSION_SYNCHRONOUS", Settings.synchronous),
+        help="SQLite synchronous mode; FULL survives a power cut",
+    )
+    serve.add_argument("--watch-queue", type=int, default=int(env("FLOWSESSION_WATCH_QUEUE", Settings.watch_queue)))
+    serve.add_argument("--log-level", default=env("FLOWSESSION_LOG_LEVEL", "INFO"))
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    environments = frozenset(e.strip() for e in args.environments.split(",") if e.strip())
+    if not environments:
+        raise SystemExit("--environments needs at least one name")
+    if args.watch_queue < 1:
+        raise SystemExit("--watch-queue must be at least 1")
+    return replace(
+        Settings(), db_path=args.db, environments=environments, synchronous=args.synchronous, watch_queue=args.watch_queue
+    )
+
+
+async def serve(settings: Settings, address: str) -> None:
+    server, port = await build_server(settings, address)
+    host = address.rsplit(":", 1)[0]
+    print(f"listening on {host}:{port}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logging.getLogger(__name__).info("shutting down")
+    await server.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = settings_from(args)
+    asyncio.run(serve(settings, args.address))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

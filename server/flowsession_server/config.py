@@ -1,0 +1,18 @@
+"""One frozen Settings; flags and FLOWSESSION_* environment variables fill it (flags win)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_ENVIRONMENTS = ("live", "staging")
+
+
+@dataclass(frozen=True)
+class Settings:
+    db_path: str = "./flowsession.db"
+    environments: frozenset[str] = field(default_factory=lambda: frozenset(DEFAULT_ENVIRONMENTS))
+    # FULL: an answered write survives a power cut. NORMAL trades that for speed (survives a crash only).
+    synchronous: str = "FULL"
+    watch_queue: int = 1000
+    read_threads: int = 4
+    # Seconds in-flight calls get to finish on SIGTERM before they are cancelled.
+    shutdown_grace: float = 10.0

@@ -1,0 +1,82 @@
+"""Flow graph validation and routing."""
+from __future__ import annotations
+
+from collections import deque
+from datetime import timedelta
+
+from . import limits, validation
+from .errors import FieldViolation, InvalidArgument, Violations
+from .model import MAX_EXECUTION_TIMEOUT, MIN_EXECUTION_TIMEOUT, FlowGraph, Step
+
+
+def validate(graph: FlowGraph, execution_timeout: timedelta) -> None:
+    """Raises InvalidArgument naming every offending step (field paths like ``steps[2].routes``)."""
+    v = Violations()
+    if not MIN_EXECUTION_TIMEOUT <= execution_timeout <= MAX_EXECUTION_TIMEOUT:
+        v.add("execution_timeout", "must be between 1 second and 30 days")
+    if not graph.steps:
+        v.add("steps", "a flow version needs at least one step")
+    elif len(graph.steps) > limits.MAX_STEPS:
+        v.add("steps", f"must have at most {limits.MAX_STEPS} steps (got {len(graph.steps)})")
+    validation.token(v, "start_step_id", graph.start_step_id, max_len=limits.MAX_STEP_ID)
+
+    by_id: dict[str, Step] = {}
+    step_ids = {s.step_id for s in graph.steps}
+    for i, step in enumerate(graph.steps):
+        path = f"steps[{i}]"
+        validation.token(v, f"{path}.step_id", step.step_id, max_len=limits.MAX_STEP_ID)
+        validation.token(v, f"{path}.step_type", step.step_type, max_len=limits.MAX_STEP_TYPE)
+        if step.step_id in by_id:
+            v.add(f"{path}.step_id", f"step {step.step_id!r} is defined more than once")
+        else:
+            by_id[step.step_id] = step
+        if step.is_end:
+            if step.routes:
+                v.add(f"{path}.routes", f"end step {step.step_id!r} has an outcome and must have no routes")
+        elif not step.routes:
+            v.add(f"{path}.routes", f"step {step.step_id!r} needs at least one route, or an outcome to be an end step")
+        if len(step.routes) > limits.MAX_ROUTES:
+            v.add(f"{path}.routes", f"step {step.step_id!r} has more than {limits.MAX_ROUTES} routes")
+        for verdict, target in step.routes.items():
+            validation.token(v, f"{path}.routes[{verdict!r}]", verdict, max_len=limits.MAX_VERDICT)
+            if target not in step_ids:
+                v.add(f"{path}.routes[{verdict!r}]", f"step {step.step_id!r} routes to unknown step {target!r}")
+
+    start = by_id.get(graph.start_step_id)
+    if graph.start_step_id and graph.steps:
+        if start is None:
+            v.add("start_step_id", f"start step {graph.start_step_id!r} is not among the steps")
+        elif start.is_end:
+            v.add("start_step_id", f"start step {graph.start_step_id!r} must not be an end step")
+    if start is not None:
+        reachable = _reachable(by_id, start.step_id)
+        for i, step in enumerate(graph.steps):
+            if step.step_id and step.step_id not in reachable:
+                v.add(f"steps[{i}]", f"step {step.step_id!r} is not reachable from the start step")
+    v.raise_if_any(reason="INVALID_FLOW_GRAPH")
+
+
+def _reachable(by_id: dict[str, Step], start: str) -> set[str]:
+    seen = {start}
+    todo = deque([start])
+    while todo:
+        for target in by_id[todo.popleft()].routes.values():
+            if target in by_id and target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen
+
+
+def route(graph: FlowGraph, step_id: str, verdict: str) -> Step:
+    """The step a verdict leads to. The graph was validated at creation, so targets exist."""
+    step = graph.step(step_id)
+    if step is None or verdict not in step.routes:
+        allowed = ", ".join(sorted(step.routes)) if step else ""
+        raise InvalidArgument.of(
+            [FieldViolation("verdict", f"step {step_id!r} has no route for verdict {verdict!r}; allowed: {allowed}")],
+            reason="UNKNOWN_VERDICT",
+        )
+    target = graph.step(step.routes[verdict])
+    assert target is not None
+    return target
+

@@ -1,0 +1,29 @@
+"""Input limits. The README's "Limits" table documents these; keep the two in step."""
+from __future__ import annotations
+
+import re
+
+MAX_NAME = 200
+MAX_DESCRIPTION = 2_000
+MAX_ID = 128
+MAX_STEPS = 200
+MAX_STEP_ID = 64
+MAX_STEP_TYPE = 64
+MAX_VERDICT = 64
+MAX_ROUTES = 50
+MAX_STATE = 2_048
+MAX_REDIRECT_URL = 2_048
+MAX_METADATA_ENTRIES = 50
+MAX_METADATA_KEY = 64
+MAX_METADATA_VALUE = 512
+MAX_INPUT_BYTES = 256 * 1024
+MAX_REQUEST_ID = 128
+MAX_REASON = 1_024
+MAX_ERROR_CODE = 128
+MAX_ERROR_MESSAGE = 2_048
+MAX_ENVIRONMENT = 64
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1_000
+
+# Step ids and verdicts travel in URLs and logs, so keep them to a safe alphabet.
+TOKEN_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]+$")

@@ -1,0 +1,79 @@
+"""The deadline scheduler: wakes at the earliest expire_time of a RUNNING session, not on a coarse poll.
+
+New sessions wake it (``observe``) when they bring an earlier deadline. Sessions whose deadline passed
+while the server was down are expired on the first pass after start.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime
+
+from .clock import Clock
+from .domain.errors import DomainError
+from .domain.model import EventType, SessionEvent
+from .store.store import Store
+
+log = logging.getLogger(__name__)
+
+BATCH = 1000
+
+
+class ExpiryScheduler:
+    def __init__(self, store: Store, clock: Clock, *, retry_delay: float = 0.5):
+        self._store = store
+        self._clock = clock
+        self._retry_delay = retry_delay
+        self._wake = asyncio.Event()
+        self._next_due: datetime | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def start(self) -> asyncio.Task[None]:
+        self._task = asyncio.create_task(self._run(), name="flowsession-expiry")
+        return self._task
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    def observe(self, events: list[SessionEvent]) -> None:
+        """Called after each commit: a new session with an earlier deadline moves the next wake-up."""
+        for event in events:
+            if event.type is EventType.CREATED and (self._next_due is None or event.session.expire_time < self._next_due):
+                self._wake.set()
+                return
+
+    def poke(self) -> None:
+        """Re-check now (tests with a fake clock; another process's sessions)."""
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            # Clear before reading the next deadline, so a wake-up that lands in between is not lost.
+            self._wake.clear()
+            try:
+                if await self._store.expire_due(limit=BATCH) >= BATCH:
+                    continue
+                self._next_due = await self._store.next_expiry()
+            except DomainError as exc:  # the store is busy or failing: health shows it; try again shortly
+                log.warning("expiry pass failed: %s", exc)
+                self._next_due = None
+                await self._sleep_or_wake(self._retry_delay)
+                continue
+            delay = None if self._next_due is None else (self._next_due - self._clock.now()).total_seconds()
+            if delay is None or delay > 0:
+                await self._sleep_or_wake(delay)
+
+    async def _sleep_or_wake(self, delay: float | None) -> None:
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout=delay)
+        except TimeoutError:
+            pass

@@ -1,0 +1,290 @@
+"""Write commands, run by the writer thread inside its transaction.
+
+Each reads the rows it decides on within the same write transaction, so the domain decides on the
+state that is committed over; the guarded UPDATE (``WHERE version = ?``) still catches a lost race.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Any, Callable, Mapping
+
+from ..domain import lifecycle
+from ..domain.errors import AlreadyExists, FailedPrecondition, NotFound, VersionMismatch
+from ..domain.model import (
+    Flow,
+    FlowGraph,
+    FlowVersion,
+    FlowVersionState,
+    Session,
+    SessionEvent,
+)
+from . import codec, reads
+from .writer import Command, Done
+
+# Decides a session's next state: (session, its flow version, now) -> the event recording the change.
+Verb = Callable[[Session, FlowVersion, datetime], SessionEvent]
+
+
+@dataclass(frozen=True)
+class IdempotencyKey:
+    scope: str
+    request_id: str
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class NewSession:
+    session_id: str
+    flow_id: str
+    environment: str
+    input: Mapping[str, Any]
+    metadata: Mapping[str, str]
+    redirect_url: str
+    state: str
+
+
+def create_flow(flow_id: str, name: str, description: str, now: datetime) -> Command:
+    def run(conn: sqlite3.Connection) -> Done[Flow]:
+        us = codec.to_us(now)
+        conn.execute(
+            "INSERT INTO flows (flow_id, name, description, create_us, update_us, latest_version) VALUES (?,?,?,?,?,0)",
+            [flow_id, name, description, us, us],
+        )
+        return Done(Flow(flow_id, name, description, now, now))
+
+    return run
+
+
+def create_flow_version(flow_id: str, graph: FlowGraph, timeout: timedelta, now: datetime) -> Command:
+    def run(conn: sqlite3.Connection) -> Done[FlowVersion]:
+        flow = _flow(conn, flow_id)
+        version = flow.latest_version + 1
+        us = codec.to_us(now)
+        conn.execute(
+            "INSERT INTO flow_versions (flow_id, version, state, graph, timeout_us, create_us, update_us) VALUES (?,?,?,?,?,?,?)",
+            [flow_id, version, FlowVersionState.DRAFT.value, codec.graph_to_json(graph), timeout // timedelta(microseconds=1), us, us],
+        )
+        conn.execute("UPDATE flows SET latest_version = ?, update_us = ? WHERE flow_id = ?", [version, us, flow_id])
+        return Done(FlowVersion(flow_id, version, FlowVersionState.DRAFT, graph, timeout, now, now))
+
+    return run
+
+
+def update_flow_version(flow_id: str, version: int, graph: FlowGraph, timeout: timedelta, now: datetime) -> Command:
+    def run(conn: sqlite3.Connection) -> Done[FlowVersion]:
+        current = _flow_version(conn, flow_id, version)
+        if current.state is FlowVersionState.PUBLISHED:
+            raise FailedPrecondition(
+                f"flow {flow_id} version {version} is published and immutable; create a new version",
+                reason="FLOW_VERSION_PUBLISHED",
+            )
+        conn.execute(
+            "UPDATE flow_versions SET graph = ?, timeout_us = ?, update_us = ? WHERE flow_id = ? AND version = ?",
+            [codec.graph_to_json(graph), timeout // timedelta(microseconds=1), codec.to_us(now), flow_id, version],
+        )
+        return Done(replace(current, graph=graph, execution_timeout=timeout, update_time=now))
+
+    return run
+
+
+def publish_flow_version(flow_id: str, version: int, environment: str, now: datetime) -> Command:
+    def run(conn: sqlite3.Connection) -> Done[tuple[FlowVersion, Flow]]:
+        current = _flow_version(conn, flow_id, version)
+        us = codec.to_us(now)
+        if current.state is FlowVersionState.DRAFT:
+            conn.execute(
+                "UPDATE flow_versions SET state = ?, publish_us = ?, update_us = ? WHERE flow_id = ? AND version = ?",
+                [FlowVersionState.PUBLISHED.value, us, us, flow_id, version],
+            )
+        conn.execute(
+            "INSERT INTO publications (flow_id, environment, version, publish_us) VALUES (?,?,?,?) "
+            "ON CONFLICT (flow_id, environment) DO UPDATE SET version = excluded.version, publish_us = excluded.publish_us",
+            [flow_id, environment, version, us],
+        )
+        conn.execute("UPDATE flows SET update_us = ? WHERE flow_id = ?", [us, flow_id])
+        return Done((_flow_version(conn, flow_id, version), _flow(conn, flow_id)))
+
+    return run
+
+
+def create_session(new: NewSession, idempotency: IdempotencyKey | None, now: datetime) -> Command:
+    """Value: (session, replayed). A replay returns the session as the first call answered it."""
+
+    def run(conn: sqlite3.Connection) -> Done[tuple[Session, bool]]:
+        if idempotency is not None:
+            earlier = _replay(conn, idempotency)
+            if earlier is not None:
+                return Done((earlier, True))
+        flow = _flow(conn, new.flow_id)
+        published = flow.published_versions.get(new.environment)
+        if published is None:
+            raise FailedPrecondition(
+                f"flow {new.flow_id} has no version published to {new.environment!r}",
+                reason="FLOW_NOT_PUBLISHED",
+                metadata={"flow_id": new.flow_id, "environment": new.environment},
+            )
+        event = lifecycle.start(
+            session_id=new.session_id,
+            flow_version=_flow_version(conn, new.flow_id, published),
+            environment=new.environment,
+            input=new.input,
+            metadata=new.metadata,
+            redirect_url=new.redirect_url,
+            state=new.state,
+            now=now,
+        )
+        s = event.session
+        conn.execute(
+            "INSERT INTO sessions (session_id, environment, flow_id, status, create_us, expire_us, version, input, body) "
+            "VALUES (?,?,?,?,?,?,?,?,?)",
+            [
+                s.session_id, s.environment, s.flow_id, s.status.value, codec.to_us(s.create_time),
+                codec.to_us(s.expire_time), s.version, codec.dumps(s.input), codec.session_body(s),
+            ],
+        )
+        event = _append_event(conn, event)
+        if idempotency is not None:
+            _remember(conn, idempotency, s, now)
+        return Done((s, False), [event])
+
+    return run
+
+
+def change_session(
+    environment: str, session_id: str, verb: Verb, now: datetime, idempotency: IdempotencyKey | None = None
+) -> Command:
+    """Applies ``verb`` to a session. An overdue RUNNING session is expired first (and that expiry is
+    committed even when the verb is then refused), so no change lands after a session's deadline."""
+
+    def run(conn: sqlite3.Connection) -> Done[Session]:
+        session = _session(conn, environment, session_id)
+        if idempotency is not None:
+            earlier = _replay(conn, idempotency)
+            if earlier is not None:
+                return Done(earlier)
+        events: list[SessionEvent] = []
+        if lifecycle.is_overdue(session, now):
+            expired = _apply(conn, session, lifecycle.expire(session, now=now))
+            events.append(expired)
+            session = expired.session
+        try:
+            event = _apply(conn, session, verb(session, _flow_version(conn, session.flow_id, session.flow_version), now))
+        except (FailedPrecondition, VersionMismatch) as refused:
+            if events:
+                return Done(session, events, error=refused)
+            raise
+        if idempotency is not None:
+            _remember(conn, idempotency, event.session, now)
+        return Done(event.session, [*events, event])
+
+    return run
+
+
+def expire_session(environment: str, session_id: str, now: datetime) -> Command:
+    """Expires one overdue session (a read found it past its deadline); value: the session as it stands."""
+
+    def run(conn: sqlite3.Connection) -> Done[Session]:
+        session = _session(conn, environment, session_id)
+        if not lifecycle.is_overdue(session, now):
+            return Done(session)
+        event = _apply(conn, session, lifecycle.expire(session, now=now))
+        return Done(event.session, [event])
+
+    return run
+
+
+def expire_due(limit: int, now: datetime) -> Command:
+    """Expires up to ``limit`` sessions whose deadline is at or before ``now``; value: how many."""
+
+    def run(conn: sqlite3.Connection) -> Done[int]:
+        events = []
+        for session_id in reads.due_session_ids(conn, codec.to_us(now), limit):
+            session = reads.get_session(conn, session_id)
+            assert session is not None
+            events.append(_apply(conn, session, lifecycle.expire(session, now=now)))
+        return Done(len(events), events)
+
+    return run
+
+
+def _apply(conn: sqlite3.Connection, before: Session, event: SessionEvent) -> SessionEvent:
+    after = event.session
+    cur = conn.execute(
+        "UPDATE sessions SET status = ?, version = ?, body = ? WHERE session_id = ? AND version = ?",
+        [after.status.value, after.version, codec.session_body(after), after.session_id, before.version],
+    )
+    if cur.rowcount != 1:
+        raise VersionMismatch(f"session {after.session_id} changed concurrently; retry")
+    return _append_event(conn, event)
+
+
+def _append_event(conn: sqlite3.Connection, event: SessionEvent) -> SessionEvent:
+    cur = conn.execute(
+        "INSERT INTO events (session_id, version, type, event_us, body) VALUES (?,?,?,?,?)",
+        [event.session_id, event.version, event.type.value, codec.to_us(event.event_time), codec.session_body(event.session)],
+    )
+    return replace(event, cursor=cur.lastrowid or 0)
+
+
+def _replay(conn: sqlite3.Connection, key: IdempotencyKey) -> Session | None:
+    row = conn.execute(
+        "SELECT fingerprint, session_id, response FROM request_ids WHERE scope = ? AND request_id = ?",
+        [key.scope, key.request_id],
+    ).fetchone()
+    if row is None:
+        return None
+    if row["fingerprint"] != key.fingerprint:
+        raise AlreadyExists(
+            f"request_id {key.request_id!r} was already used with a different request",
+            reason="REQUEST_ID_REUSED",
+            metadata={"request_id": key.request_id, "session_id": row["session_id"]},
+        )
+    response = json.loads(row["response"])
+    return codec.session_from_body(row["session_id"], response["body"], response["input"])
+
+
+def _remember(conn: sqlite3.Connection, key: IdempotencyKey, session: Session, now: datetime) -> None:
+    response = codec.dumps({"body": codec.session_body(session), "input": codec.dumps(session.input)})
+    conn.execute(
+        "INSERT INTO request_ids (scope, request_id, fingerprint, session_id, response, create_us) VALUES (?,?,?,?,?,?)",
+        [key.scope, key.request_id, key.fingerprint, session.session_id, response, codec.to_us(now)],
+    )
+
+
+def _flow(conn: sqlite3.Connection, flow_id: str) -> Flow:
+    flow = reads.get_flow(conn, flow_id)
+    if flow is None:
+        raise NotFound(f"flow {flow_id} not found", reason="FLOW_NOT_FOUND", metadata={"flow_id": flow_id})
+    return flow
+
+
+def _flow_version(conn: sqlite3.Connection, flow_id: str, version: int) -> FlowVersion:
+    found = reads.get_flow_version(conn, flow_id, version)
+    if found is None:
+        _flow(conn, flow_id)
+        raise NotFound(
+            f"flow {flow_id} has no version {version}",
+            reason="FLOW_VERSION_NOT_FOUND",
+            metadata={"flow_id": flow_id, "version": str(version)},
+        )
+    return found
+
+
+def _session(conn: sqlite3.Connection, environment: str, session_id: str) -> Session:
+    session = reads.get_session(conn, session_id)
+    if session is None or session.environment != environment:
+        raise not_found_session(environment, session_id)
+    return session
+
+
+def not_found_session(environment: str, session_id: str) -> NotFound:
+    return NotFound(
+        f"session {session_id} not found in environment {environment!r}",
+        reason="SESSION_NOT_FOUND",
+        metadata={"session_id": session_id, "environment": environment},
+    )
+
+

@@ -1,0 +1,150 @@
+"""Read queries. Plain functions over a connection: the writer thread uses them inside its
+transaction, and ``Reader`` runs them on its own pooled WAL connections, off the event loop."""
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterable, TypeVar
+
+from ..domain.model import Flow, FlowVersion, Session, SessionEvent, SessionStatus
+from . import codec, schema
+
+T = TypeVar("T")
+
+EVENT_PAGE = 1000
+
+
+def get_flow(conn: sqlite3.Connection, flow_id: str) -> Flow | None:
+    row = conn.execute("SELECT * FROM flows WHERE flow_id = ?", [flow_id]).fetchone()
+    if row is None:
+        return None
+    return codec.flow_from_row(row, _publications(conn, flow_id))
+
+
+def _publications(conn: sqlite3.Connection, flow_id: str) -> dict[str, int]:
+    rows = conn.execute("SELECT environment, version FROM publications WHERE flow_id = ?", [flow_id])
+    return {r["environment"]: r["version"] for r in rows}
+
+
+def list_flows(conn: sqlite3.Connection, after: list[Any] | None, limit: int) -> list[Flow]:
+    if after is None:
+        rows = conn.execute("SELECT * FROM flows ORDER BY create_us, flow_id LIMIT ?", [limit]).fetchall()
+    else:
+        rows = conn.execute(
+            "SELECT * FROM flows WHERE (create_us, flow_id) > (?, ?) ORDER BY create_us, flow_id LIMIT ?",
+            [after[0], after[1], limit],
+        ).fetchall()
+    return [codec.flow_from_row(r, _publications(conn, r["flow_id"])) for r in rows]
+
+
+def get_flow_version(conn: sqlite3.Connection, flow_id: str, version: int) -> FlowVersion | None:
+    row = conn.execute("SELECT * FROM flow_versions WHERE flow_id = ? AND version = ?", [flow_id, version]).fetchone()
+    if row is None:
+        return None
+    return codec.flow_version_from_row(row, _environments_of(conn, flow_id, version))
+
+
+def _environments_of(conn: sqlite3.Connection, flow_id: str, version: int) -> tuple[str, ...]:
+    rows = conn.execute(
+        "SELECT environment FROM publications WHERE flow_id = ? AND version = ? ORDER BY environment", [flow_id, version]
+    )
+    return tuple(r["environment"] for r in rows)
+
+
+def list_flow_versions(conn: sqlite3.Connection, flow_id: str, after_version: int, limit: int) -> list[FlowVersion]:
+    rows = conn.execute(
+        "SELECT * FROM flow_versions WHERE flow_id = ? AND version > ? ORDER BY version LIMIT ?",
+        [flow_id, after_version, limit],
+    ).fetchall()
+    return [codec.flow_version_from_row(r, _environments_of(conn, flow_id, r["version"])) for r in rows]
+
+
+def get_session(conn: sqlite3.Connection, session_id: str) -> Session | None:
+    row = conn.execute("SELECT session_id, input, body FROM sessions WHERE session_id = ?", [session_id]).fetchone()
+    if row is None:
+        return None
+    return codec.session_from_body(row["session_id"], row["body"], row["input"])
+
+
+def list_sessions(
+    conn: sqlite3.Connection,
+    environment: str,
+    flow_id: str,
+    statuses: Iterable[SessionStatus],
+    after: list[Any] | None,
+    limit: int,
+) -> list[Session]:
+    where = ["environment = ?"]
+    args: list[Any] = [environment]
+    if flow_id:
+        where.append("flow_id = ?")
+        args.append(flow_id)
+    status_values = sorted({s.value for s in statuses})
+    if status_values:
+        where.append(f"status IN ({','.join('?' * len(status_values))})")
+        args.extend(status_values)
+    if after is not None:
+        where.append("(create_us, session_id) < (?, ?)")
+        args.extend(after)
+    rows = conn.execute(
+        f"SELECT session_id, input, body FROM sessions WHERE {' AND '.join(where)} "
+        "ORDER BY create_us DESC, session_id DESC LIMIT ?",
+        [*args, limit],
+    ).fetchall()
+    return [codec.session_from_body(r["session_id"], r["body"], r["input"]) for r in rows]
+
+
+def events_after(conn: sqlite3.Connection, session_id: str, after_version: int, limit: int = EVENT_PAGE) -> list[SessionEvent]:
+    rows = conn.execute(
+        "SELECT e.cursor, e.session_id, e.version, e.type, e.event_us, e.body, s.input "
+        "FROM events e JOIN sessions s ON s.session_id = e.session_id "
+        "WHERE e.session_id = ? AND e.version > ? ORDER BY e.version LIMIT ?",
+        [session_id, after_version, limit],
+    ).fetchall()
+    return [codec.event_from_row(r) for r in rows]
+
+
+def next_expiry_us(conn: sqlite3.Connection) -> int | None:
+    row = conn.execute("SELECT MIN(expire_us) AS due FROM sessions WHERE status = 'RUNNING'").fetchone()
+    return row["due"]
+
+
+def due_session_ids(conn: sqlite3.Connection, now_us: int, limit: int) -> list[str]:
+    rows = conn.execute(
+        "SELECT session_id FROM sessions WHERE status = 'RUNNING' AND expire_us <= ? ORDER BY expire_us LIMIT ?",
+        [now_us, limit],
+    )
+    return [r["session_id"] for r in rows]
+
+
+class Reader:
+    """Runs read functions on a small thread pool, one WAL connection per thread."""
+
+    def __init__(self, path: str, *, threads: int = 4):
+        self._path = path
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="flowsession-read")
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = schema.connect(self._path)
+            self._local.conn = conn
+            with self._lock:
+                self._connections.append(conn)
+        return conn
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: fn(self._conn(), *args))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+        with self._lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()

@@ -1,0 +1,85 @@
+"""Schema (sqlite-utils migrations) and connection settings.
+
+Every connection: WAL (readers never block the writer), synchronous FULL by default (an answered
+write survives a power cut), and a busy timeout so a second process waits for the lock instead of failing.
+"""
+from __future__ import annotations
+
+import secrets
+import sqlite3
+
+import sqlite_utils
+from sqlite_utils.migrations import Migrations
+
+migrations = Migrations("flowsession")
+
+
+@migrations()
+def m001_initial(db: sqlite_utils.Database) -> None:
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+    db.execute(
+        """CREATE TABLE flows (
+            flow_id TEXT PRIMARY KEY, name TEXT NOT NULL, description TEXT NOT NULL,
+            create_us INTEGER NOT NULL, update_us INTEGER NOT NULL, latest_version INTEGER NOT NULL)"""
+    )
+    db.execute("CREATE INDEX flows_by_create ON flows (create_us, flow_id)")
+    db.execute(
+        """CREATE TABLE flow_versions (
+            flow_id TEXT NOT NULL REFERENCES flows(flow_id), version INTEGER NOT NULL,
+            state TEXT NOT NULL, graph TEXT NOT NULL, timeout_us INTEGER NOT NULL,
+            create_us INTEGER NOT NULL, update_us INTEGER NOT NULL, publish_us INTEGER,
+            PRIMARY KEY (flow_id, version))"""
+    )
+    db.execute(
+        """CREATE TABLE publications (
+            flow_id TEXT NOT NULL, environment TEXT NOT NULL, version INTEGER NOT NULL, publish_us INTEGER NOT NULL,
+            PRIMARY KEY (flow_id, environment), FOREIGN KEY (flow_id, version) REFERENCES flow_versions(flow_id, version))"""
+    )
+    db.execute(
+        """CREATE TABLE sessions (
+            session_id TEXT PRIMARY KEY, environment TEXT NOT NULL, flow_id TEXT NOT NULL,
+            status TEXT NOT NULL, create_us INTEGER NOT NULL, expire_us INTEGER NOT NULL,
+            version INTEGER NOT NULL, input TEXT NOT NULL, body TEXT NOT NULL)"""
+    )
+    db.execute("CREATE INDEX sessions_by_env ON sessions (environment, create_us DESC, session_id DESC)")
+    db.execute("CREATE INDEX sessions_by_flow ON sessions (environment, flow_id, create_us DESC, session_id DESC)")
+    db.execute("CREATE INDEX sessions_running ON sessions (expire_us) WHERE status = 'RUNNING'")
+    db.execute(
+        """CREATE TABLE events (
+            cursor INTEGER PRIMARY KEY AUTOINCREMENT, session_id TEXT NOT NULL, version INTEGER NOT NULL,
+            type TEXT NOT NULL, event_us INTEGER NOT NULL, body TEXT NOT NULL, UNIQUE (session_id, version))"""
+    )
+    # Idempotency keys: scope is "create:<environment>" or "report:<session_id>".
+    db.execute(
+        """CREATE TABLE request_ids (
+            scope TEXT NOT NULL, request_id TEXT NOT NULL, fingerprint TEXT NOT NULL,
+            session_id TEXT NOT NULL, response TEXT NOT NULL, create_us INTEGER NOT NULL,
+            PRIMARY KEY (scope, request_id))"""
+    )
+    db.execute("INSERT INTO meta (key, value) VALUES ('epoch', ?)", [secrets.token_hex(8)])
+    db.execute("INSERT INTO meta (key, value) VALUES ('token_key', ?)", [secrets.token_hex(32)])
+    db.execute("INSERT INTO meta (key, value) VALUES ('page_key', ?)", [secrets.token_hex(32)])
+
+
+def connect(path: str, *, synchronous: str = "FULL") -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute(f"PRAGMA synchronous={synchronous}")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+def migrate(conn: sqlite3.Connection) -> None:
+    db = sqlite_utils.Database(conn)
+    try:
+        migrations.apply(db)
+    except sqlite3.DatabaseError:
+        # Another process sharing the file applied the same migration first: fine if nothing is left.
+        if migrations.pending(db):
+            raise
+
+
+def read_meta(conn: sqlite3.Connection) -> dict[str, str]:
+    return {row["key"]: row["value"] for row in conn.execute("SELECT key, value FROM meta")}

@@ -1,0 +1,155 @@
+"""The store interface the server uses. This SQLite implementation pairs the single writer with pooled
+readers; a PostgreSQL backend would implement the same async methods."""
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Callable, Iterable
+
+from ..clock import Clock
+from ..domain.errors import NotFound
+from ..domain.model import Flow, FlowGraph, FlowVersion, Session, SessionEvent, SessionStatus
+from . import codec, commands, reads, schema
+from .commands import IdempotencyKey, NewSession, Verb
+from .writer import Writer
+
+
+@dataclass(frozen=True)
+class StoreKeys:
+    """Created with the database and shared by every process on it."""
+
+    epoch: str
+    token_key: bytes
+    page_key: bytes
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+class Store:
+    def __init__(self, path: str, clock: Clock, *, synchronous: str = "FULL", read_threads: int = 4):
+        self._path = path
+        self._clock = clock
+        self._synchronous = synchronous
+        self._read_threads = read_threads
+        self._writer: Writer | None = None
+        self._reader: reads.Reader | None = None
+        self.keys: StoreKeys | None = None
+
+    async def open(self, on_commit: Callable[[list[SessionEvent]], None], on_health: Callable[[bool], None]) -> None:
+        def prepare() -> StoreKeys:
+            conn = schema.connect(self._path, synchronous=self._synchronous)
+            try:
+                schema.migrate(conn)
+                meta = schema.read_meta(conn)
+            finally:
+                conn.close()
+            return StoreKeys(meta["epoch"], bytes.fromhex(meta["token_key"]), bytes.fromhex(meta["page_key"]))
+
+        self.keys = await asyncio.to_thread(prepare)
+        self._reader = reads.Reader(self._path, threads=self._read_threads)
+        self._writer = Writer(self._path, synchronous=self._synchronous, on_commit=on_commit, on_health=on_health)
+        self._writer.start(asyncio.get_running_loop())
+
+    @property
+    def writable(self) -> bool:
+        return self._writer is not None and self._writer.healthy
+
+    async def close(self) -> None:
+        """Commits every write already accepted, then closes the connections."""
+        if self._writer is not None:
+            await self._writer.close()
+        if self._reader is not None:
+            await asyncio.to_thread(self._reader.close)
+
+    async def _write(self, factory: Callable[..., Any], *args: Any) -> Any:
+        # ``now`` is read when the command runs, so event times follow commit order.
+        assert self._writer is not None
+        return await self._writer.submit(lambda conn: factory(*args, self._clock.now())(conn))
+
+    async def _read(self, fn: Callable[..., Any], *args: Any) -> Any:
+        assert self._reader is not None
+        return await self._reader.run(fn, *args)
+
+    # flows
+
+    async def create_flow(self, name: str, description: str) -> Flow:
+        return await self._write(commands.create_flow, new_id("flw"), name, description)
+
+    async def get_flow(self, flow_id: str) -> Flow:
+        flow = await self._read(reads.get_flow, flow_id)
+        if flow is None:
+            raise NotFound(f"flow {flow_id} not found", reason="FLOW_NOT_FOUND", metadata={"flow_id": flow_id})
+        return flow
+
+    async def list_flows(self, after: list[Any] | None, limit: int) -> list[Flow]:
+        return await self._read(reads.list_flows, after, limit)
+
+    async def create_flow_version(self, flow_id: str, graph: FlowGraph, timeout: timedelta) -> FlowVersion:
+        return await self._write(commands.create_flow_version, flow_id, graph, timeout)
+
+    async def update_flow_version(self, flow_id: str, version: int, graph: FlowGraph, timeout: timedelta) -> FlowVersion:
+        return await self._write(commands.update_flow_version, flow_id, version, graph, timeout)
+
+    async def publish_flow_version(self, flow_id: str, version: int, environment: str) -> tuple[FlowVersion, Flow]:
+        return await self._write(commands.publish_flow_version, flow_id, version, environment)
+
+    async def get_flow_version(self, flow_id: str, version: int) -> FlowVersion:
+        found = await self._read(reads.get_flow_version, flow_id, version)
+        if found is None:
+            await self.get_flow(flow_id)
+            raise NotFound(
+                f"flow {flow_id} has no version {version}",
+                reason="FLOW_VERSION_NOT_FOUND",
+                metadata={"flow_id": flow_id, "version": str(version)},
+            )
+        return found
+
+    async def list_flow_versions(self, flow_id: str, after_version: int, limit: int) -> list[FlowVersion]:
+        await self.get_flow(flow_id)
+        return await self._read(reads.list_flow_versions, flow_id, after_version, limit)
+
+    # sessions
+
+    async def create_session(self, new: NewSession, idempotency: IdempotencyKey | None) -> tuple[Session, bool]:
+        return await self._write(commands.create_session, new, idempotency)
+
+    async def change_session(
+        self, environment: str, session_id: str, verb: Verb, idempotency: IdempotencyKey | None = None
+    ) -> Session:
+        return await self._write(
+            lambda now: commands.change_session(environment, session_id, verb, now, idempotency)
+        )
+
+    async def get_session(self, environment: str, session_id: str) -> Session:
+        """Never answers RUNNING past the deadline: an overdue session is expired (and its event sent) first."""
+        session = await self._read(reads.get_session, session_id)
+        if session is None or session.environment != environment:
+            raise commands.not_found_session(environment, session_id)
+        if session.status is SessionStatus.RUNNING and self._clock.now() >= session.expire_time:
+            session = await self._write(commands.expire_session, environment, session_id)
+        return session
+
+    async def list_sessions(
+        self, environment: str, flow_id: str, statuses: Iterable[SessionStatus], after: list[Any] | None, limit: int
+    ) -> list[Session]:
+        statuses = tuple(statuses)
+        found = await self._read(reads.list_sessions, environment, flow_id, statuses, after, limit)
+        now = self._clock.now()
+        if any(s.status is SessionStatus.RUNNING and now >= s.expire_time for s in found):
+            await self.expire_due(limit=10_000)
+            found = await self._read(reads.list_sessions, environment, flow_id, statuses, after, limit)
+        return found
+
+    async def events_after(self, session_id: str, after_version: int) -> list[SessionEvent]:
+        return await self._read(reads.events_after, session_id, after_version)
+
+    async def next_expiry(self) -> datetime | None:
+        due = await self._read(reads.next_expiry_us)
+        return None if due is None else codec.from_us(due)
+
+    async def expire_due(self, *, limit: int = 1000) -> int:
+        return await self._write(commands.expire_due, limit)
