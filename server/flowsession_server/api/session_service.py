@@ -192,6 +192,8 @@ class SessionService(session_service_pb2_grpc.SessionServiceServicer):
                     metadata={"version": str(session.version)},
                 )
             # after_version 0 starts from the current state: the event that produced it.
+            if session.status.terminal and request.after_version == session.version:
+                return  # the caller already has the terminal event
             start = request.after_version or session.version - 1
             last = start
             pending = await self._store.events_after(request.session_id, start)

@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+import pytest
+
+from flowsession.client import connect
+
+from .support import ServerThread, settings_for
+
+
+@pytest.fixture
+def server(tmp_path):
+    running = ServerThread(settings_for(tmp_path))
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def client(server):
+    with connect(server.address) as c:
+        yield c

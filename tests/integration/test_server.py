@@ -1,0 +1,131 @@
+"""The process: console entry, health, reflection, graceful SIGTERM, and watch resume across a restart."""
+from __future__ import annotations
+
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from flowsession.client import connect
+from flowsession.v1 import session_pb2, session_service_pb2 as spb
+
+from ..support import TIMEOUT, ServerProcess, get, new_session, published_flow, report
+
+
+def test_health_is_serving(client):
+    stub = health_pb2_grpc.HealthStub(client._channel)
+    for service in ("", "flowsession.v1.SessionService", "flowsession.v1.FlowService"):
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_the_services(client):
+    stub = reflection_pb2_grpc.ServerReflectionStub(client._channel)
+    replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=TIMEOUT)
+    names = {s.name for r in replies for s in r.list_services_response.service}
+    assert {"flowsession.v1.FlowService", "flowsession.v1.SessionService", "grpc.health.v1.Health"} <= names
+
+
+def test_environment_variables_configure_serve(tmp_path):
+    db = tmp_path / "from-env.db"
+    proc = ServerProcess(db, env={"FLOWSESSION_ADDRESS": "127.0.0.1:0", "FLOWSESSION_DB": str(db)})
+    try:
+        with connect(proc.address) as client:
+            published_flow(client)
+        assert db.exists()
+    finally:
+        assert proc.terminate() == 0
+        proc.close()
+
+
+def test_sigterm_ends_watches_with_unavailable_finishes_writes_and_exits_0(tmp_path):
+    db = tmp_path / "flowsession.db"
+    proc = ServerProcess(db)
+    acked: list[str] = []
+    try:
+        with connect(proc.address) as client:
+            flow_id = published_flow(client)
+            sid = new_session(client, flow_id).session.session_id
+            stream = client.sessions.WatchSession(spb.WatchSessionRequest(environment="live", session_id=sid), timeout=TIMEOUT)
+            assert next(stream).event.version == 1
+            health = health_pb2_grpc.HealthStub(client._channel).Watch(health_pb2.HealthCheckRequest(), timeout=TIMEOUT)
+            assert next(health).status == health_pb2.HealthCheckResponse.SERVING
+            started = threading.Event()
+            codes: queue.Queue = queue.Queue()
+
+            def writes() -> None:
+                for _ in range(200):
+                    try:
+                        acked.append(new_session(client, flow_id).session.session_id)
+                        started.set()
+                    except grpc.RpcError as err:
+                        codes.put(err.code())
+                        return
+
+            with ThreadPoolExecutor(max_workers=4) as pool:
+                workers = [pool.submit(writes) for _ in range(4)]
+                assert started.wait(TIMEOUT)
+                proc.proc.send_signal(15)
+                assert next(health).status == health_pb2.HealthCheckResponse.NOT_SERVING
+                health.cancel()  # health watches never end by themselves; don't hold the grace period
+                try:
+                    next(stream)
+                    raise AssertionError("the watch stream should have ended")
+                except grpc.RpcError as err:
+                    assert err.code() is grpc.StatusCode.UNAVAILABLE
+                for w in workers:
+                    w.result(timeout=TIMEOUT)
+            assert proc.proc.wait(TIMEOUT) == 0
+            while not codes.empty():  # calls refused during shutdown are retryable, never INTERNAL/UNKNOWN
+                assert codes.get() is grpc.StatusCode.UNAVAILABLE
+    finally:
+        proc.close()
+    again = ServerProcess(db)
+    try:
+        with connect(again.address) as client:
+            for sid in acked:
+                assert get(client, sid).version == 1
+    finally:
+        again.terminate()
+        again.close()
+
+
+def test_client_watch_resumes_across_a_server_restart_without_gap_or_duplicate(tmp_path):
+    db = tmp_path / "flowsession.db"
+    first = ServerProcess(db)
+    address = first.address
+    got: queue.Queue = queue.Queue()
+    try:
+        with connect(address) as client:
+            flow_id = published_flow(client)
+            sid = new_session(client, flow_id).session.session_id
+
+            def consume() -> None:
+                try:
+                    for event in client.watch("live", sid):
+                        got.put(event.version)
+                    got.put("end")
+                except Exception as exc:  # surfaced to the test thread
+                    got.put(exc)
+
+            threading.Thread(target=consume, daemon=True).start()
+            assert got.get(timeout=TIMEOUT) == 1
+            report(client, sid, "document", "ok")
+            assert got.get(timeout=TIMEOUT) == 2
+            assert first.terminate() == 0
+            first.close()
+            # Changes made while the watcher is disconnected are replayed from the log on resume.
+            second = ServerProcess(db, address=address)
+            try:
+                report(client, sid, "liveness", "retry")
+                report(client, sid, "liveness", "ok")
+                assert [got.get(timeout=TIMEOUT) for _ in range(3)] == [3, 4, "end"]
+                assert get(client, sid).status == session_pb2.SESSION_STATUS_COMPLETED
+            finally:
+                second.terminate()
+                second.close()
+    finally:
+        first.close()

@@ -1,0 +1,120 @@
+"""WatchSession: current state first, every change in order, OK after the terminal event; resume."""
+from __future__ import annotations
+
+import queue
+import threading
+
+import grpc
+
+from flowsession.v1 import flow_pb2, session_pb2, session_service_pb2 as spb
+
+from ..support import TIMEOUT, expect_error, new_session, published_flow, report, watch_raw
+
+EV = session_pb2
+
+
+def test_watch_from_zero_sends_current_state_then_every_change_and_ends_ok(client):
+    flow_id = published_flow(client)
+    sid = new_session(client, flow_id).session.session_id
+    report(client, sid, "document", "ok")  # version 2 is the current state when the watch opens
+    stream = client.sessions.WatchSession(
+        spb.WatchSessionRequest(environment="live", session_id=sid), timeout=TIMEOUT
+    )
+    first = next(stream).event
+    assert (first.version, first.session.current_step_id) == (2, "liveness")
+    report(client, sid, "liveness", "retry")
+    report(client, sid, "liveness", "ok")
+    rest = [r.event for r in stream]  # ends by itself after the terminal event
+    assert [e.version for e in rest] == [3, 4]
+    assert [e.type for e in rest] == [EV.SESSION_EVENT_TYPE_STEP_COMPLETED, EV.SESSION_EVENT_TYPE_COMPLETED]
+    assert rest[-1].session.status == EV.SESSION_STATUS_COMPLETED
+    assert rest[-1].session.outcome == flow_pb2.SESSION_OUTCOME_ACCEPTED
+    assert stream.code() is grpc.StatusCode.OK
+    # Each event carries the full session as it stood after the change, and a cursor.
+    assert all(e.session.version == e.version and e.cursor for e in [first, *rest])
+    assert first.cursor < rest[0].cursor < rest[1].cursor
+
+
+def test_watch_of_a_terminal_session_sends_its_state_and_ends_at_once(client):
+    flow_id = published_flow(client)
+    sid = new_session(client, flow_id).session.session_id
+    report(client, sid, "document", "bad")
+    events = watch_raw(client, sid)
+    assert [(e.version, e.type) for e in events] == [(2, EV.SESSION_EVENT_TYPE_COMPLETED)]
+    assert watch_raw(client, sid, after_version=2) == []
+
+
+def test_watch_after_version_replays_the_log_then_goes_live(client):
+    flow_id = published_flow(client)
+    sid = new_session(client, flow_id).session.session_id
+    report(client, sid, "document", "ok")
+    report(client, sid, "liveness", "retry")
+    got: queue.Queue = queue.Queue()
+
+    def watch() -> None:
+        stream = client.sessions.WatchSession(
+            spb.WatchSessionRequest(environment="live", session_id=sid, after_version=1), timeout=TIMEOUT
+        )
+        for r in stream:
+            got.put(r.event)
+        got.put(None)
+
+    threading.Thread(target=watch, daemon=True).start()
+    assert [got.get(timeout=TIMEOUT).version for _ in range(2)] == [2, 3]  # replayed from the log
+    client.sessions.AbortSession(spb.AbortSessionRequest(environment="live", session_id=sid, reason="user left"), timeout=TIMEOUT)
+    last = got.get(timeout=TIMEOUT)
+    assert (last.version, last.type, last.session.abort_reason) == (4, EV.SESSION_EVENT_TYPE_ABORTED, "user left")
+    assert got.get(timeout=TIMEOUT) is None
+
+
+def test_many_watchers_see_every_change_once_in_order(client):
+    flow_id = published_flow(client)
+    sid = new_session(client, flow_id).session.session_id
+    report(client, sid, "document", "ok")
+    streams = [
+        client.sessions.WatchSession(spb.WatchSessionRequest(environment="live", session_id=sid), timeout=TIMEOUT)
+        for _ in range(20)
+    ]
+    for s in streams:  # every stream is open and has its current state before the changes start
+        assert next(s).event.version == 2
+    for _ in range(10):
+        report(client, sid, "liveness", "retry")
+    report(client, sid, "liveness", "ok")
+    for s in streams:
+        assert [r.event.version for r in s] == list(range(3, 14))
+
+
+def test_watch_errors(client):
+    flow_id = published_flow(client)
+    sid = new_session(client, flow_id).session.session_id
+    watch = lambda request, timeout: list(client.sessions.WatchSession(request, timeout=timeout))  # noqa: E731
+    expect_error(watch, spb.WatchSessionRequest(environment="live", session_id="ses_missing"), grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+    expect_error(watch, spb.WatchSessionRequest(environment="staging", session_id=sid), grpc.StatusCode.NOT_FOUND, "SESSION_NOT_FOUND")
+    expect_error(watch, spb.WatchSessionRequest(environment="nowhere", session_id=sid), grpc.StatusCode.INVALID_ARGUMENT, fields=("environment",))
+    expect_error(
+        watch,
+        spb.WatchSessionRequest(environment="live", session_id=sid, after_version=-1),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        fields=("after_version",),
+    )
+    err = expect_error(
+        watch, spb.WatchSessionRequest(environment="live", session_id=sid, after_version=5), grpc.StatusCode.OUT_OF_RANGE, "VERSION_AHEAD"
+    )
+    assert err.metadata["version"] == "1"
+
+
+def test_client_watch_yields_events_until_terminal(client):
+    flow_id = published_flow(client)
+    sid = new_session(client, flow_id).session.session_id
+    got: queue.Queue = queue.Queue()
+
+    def consume() -> None:
+        for event in client.watch("live", sid, timeout=TIMEOUT):
+            got.put(event.version)
+        got.put(None)
+
+    threading.Thread(target=consume, daemon=True).start()
+    assert got.get(timeout=TIMEOUT) == 1
+    report(client, sid, "document", "ok")
+    report(client, sid, "liveness", "bad")
+    assert [got.get(timeout=TIMEOUT) for _ in range(3)] == [2, 3, None]
