@@ -24,9 +24,10 @@ _sym_db = _symbol_database.Default()
 
 from flowsession.v1 import session_pb2 as flowsession_dot_v1_dot_session__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$flowsession/v1/session_service.proto\x12\x0e\x66lowsession.v1\x1a\x1c\x66lowsession/v1/session.proto\x1a\x1cgoogle/protobuf/struct.proto\"\x94\x02\n\x14\x43reateSessionRequest\x12\x0f\n\x07\x66low_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x02 \x01(\t\x12&\n\x05input\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x44\n\x08metadata\x18\x04 \x03(\x0b\x32\x32.flowsession.v1.CreateSessionRequest.MetadataEntry\x12\x14\n\x0credirect_url\x18\x05 \x01(\t\x12\r\n\x05state\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"X\n\x15\x43reateSessionResponse\x12(\n\x07session\x18\x01 \x01(\x0b\x32\x17.flowsession.v1.Session\x12\x15\n\rsession_token\x18\x02 \x01(\t\"<\n\x11GetSessionRequest\x12\x13\n\x0b\x65nvironment\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\">\n\x12GetSessionResponse\x12(\n\x07session\x18\x01 \x01(\x0b\x32\x17.flowsession.v1.Session\"\x93\x01\n\x13ListSessionsRequest\x12\x13\n\x0b\x65nvironment\x18\x01 \x01(\t\x12\x0f\n\x07\x66low_id\x18\x02 \x01(\t\x12/\n\x08statuses\x18\x03 \x03(\x0e\x32\x1d.flowsession.v1.SessionStatus\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"Z\n\x14ListSessionsResponse\x12)\n\x08sessions\x18\x01 \x03(\x0b\x32\x17.flowsession.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x92\x01\n\x17ReportStepResultRequest\x12\x13\n\x0b\x65nvironment\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07step_id\x18\x03 \x01(\t\x12\x0f\n\x07verdict\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x06 \x01(\x03\"D\n\x18ReportStepResultResponse\x12(\n\x07session\x18\x01 \x01(\x0b\x32\x17.flowsession.v1.Session\"h\n\x13\x41\x62ortSessionRequest\x12\x13\n\x0b\x65nvironment\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x04 \x01(\x03\"@\n\x14\x41\x62ortSessionResponse\x12(\n\x07session\x18\x01 \x01(\x0b\x32\x17.flowsession.v1.Session\"\x93\x01\n\x12\x46\x61ilSessionRequest\x12\x13\n\x0b\x65nvironment\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07step_id\x18\x03 \x01(\t\x12\x12\n\nerror_code\x18\x04 \x01(\t\x12\x15\n\rerror_message\x18\x05 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x06 \x01(\x03\"?\n\x13\x46\x61ilSessionResponse\x12(\n\x07session\x18\x01 \x01(\x0b\x32\x17.flowsession.v1.Session\"U\n\x13WatchSessionRequest\x12\x13\n\x0b\x65nvironment\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x15\n\rafter_version\x18\x03 \x01(\x03\"C\n\x14WatchSessionResponse\x12+\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1c.flowsession.v1.SessionEvent2\x95\x05\n\x0eSessionService\x12\\\n\rCreateSession\x12$.flowsession.v1.CreateSessionRequest\x1a%.flowsession.v1.CreateSessionResponse\x12S\n\nGetSession\x12!.flowsession.v1.GetSessionRequest\x1a\".flowsession.v1.GetSessionResponse\x12Y\n\x0cListSessions\x12#.flowsession.v1.ListSessionsRequest\x1a$.flowsession.v1.ListSessionsResponse\x12\x65\n\x10ReportStepResult\x12\'.flowsession.v1.ReportStepResultRequest\x1a(.flowsession.v1.ReportStepResultResponse\x12Y\n\x0c\x41\x62ortSession\x12#.flowsession.v1.AbortSessionRequest\x1a$.flowsession.v1.AbortSessionResponse\x12V\n\x0b\x46\x61ilSession\x12\".flowsession.v1.FailSessionRequest\x1a#.flowsession.v1.FailSessionResponse\x12[\n\x0cWatchSession\x12#.flowsession.v1.WatchSessionRequest\x1a$.flowsession.v1.WatchSessionResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$flowsession/v1/session_service.proto\x12\x0e\x66lowsession.v1\x1a\x1c\x66lowsession/v1/session.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x94\x02\n\x14\x43reateSessionRequest\x12\x0f\n\x07\x66low_id\x18\x01 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x02 \x01(\t\x12&\n\x05input\x18\x03 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x44\n\x08metadata\x18\x04 \x03(\x0b\x32\x32.flowsession.v1.CreateSessionRequest.MetadataEntry\x12\x14\n\x0credirect_url\x18\x05 \x01(\t\x12\r\n\x05state\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"X\n\x15\x43reateSessionResponse\x12(\n\x07session\x18\x01 \x01(\x0b\x32\x17.flowsession.v1.Session\x12\x15\n\rsession_token\x18\x02 \x01(\t\"<\n\x11GetSessionRequest\x12\x13\n\x0b\x65nvironment\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\">\n\x12GetSessionResponse\x12(\n\x07session\x18\x01 \x01(\x0b\x32\x17.flowsession.v1.Session\"\x93\x01\n\x13ListSessionsRequest\x12\x13\n\x0b\x65nvironment\x18\x01 \x01(\t\x12\x0f\n\x07\x66low_id\x18\x02 \x01(\t\x12/\n\x08statuses\x18\x03 \x03(\x0e\x32\x1d.flowsession.v1.SessionStatus\x12\x11\n\tpage_size\x18\x04 \x01(\x05\x12\x12\n\npage_token\x18\x05 \x01(\t\"Z\n\x14ListSessionsResponse\x12)\n\x08sessions\x18\x01 \x03(\x0b\x32\x17.flowsession.v1.Session\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x92\x01\n\x17ReportStepResultRequest\x12\x13\n\x0b\x65nvironment\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07step_id\x18\x03 \x01(\t\x12\x0f\n\x07verdict\x18\x04 \x01(\t\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x06 \x01(\x03\"D\n\x18ReportStepResultResponse\x12(\n\x07session\x18\x01 \x01(\x0b\x32\x17.flowsession.v1.Session\"h\n\x13\x41\x62ortSessionRequest\x12\x13\n\x0b\x65nvironment\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x04 \x01(\x03\"@\n\x14\x41\x62ortSessionResponse\x12(\n\x07session\x18\x01 \x01(\x0b\x32\x17.flowsession.v1.Session\"\x93\x01\n\x12\x46\x61ilSessionRequest\x12\x13\n\x0b\x65nvironment\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x0f\n\x07step_id\x18\x03 \x01(\t\x12\x12\n\nerror_code\x18\x04 \x01(\t\x12\x15\n\rerror_message\x18\x05 \x01(\t\x12\x18\n\x10\x65xpected_version\x18\x06 \x01(\x03\"?\n\x13\x46\x61ilSessionResponse\x12(\n\x07session\x18\x01 \x01(\x0b\x32\x17.flowsession.v1.Session\"U\n\x13WatchSessionRequest\x12\x13\n\x0b\x65nvironment\x18\x01 \x01(\t\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12\x15\n\rafter_version\x18\x03 \x01(\x03\"v\n\x14WatchSessionResponse\x12+\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1c.flowsession.v1.SessionEvent\x12\x31\n\theartbeat\x18\x02 \x01(\x0b\x32\x1e.flowsession.v1.WatchHeartbeat\"e\n\x0eWatchHeartbeat\x12\x0e\n\x06\x63ursor\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x32\n\x0eheartbeat_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x9c\x01\n\x14WatchSessionsRequest\x12\x13\n\x0b\x65nvironment\x18\x01 \x01(\t\x12\x0f\n\x07\x66low_id\x18\x02 \x01(\t\x12/\n\x08statuses\x18\x03 \x03(\x0e\x32\x1d.flowsession.v1.SessionStatus\x12\x14\n\x0c\x61\x66ter_cursor\x18\x04 \x01(\t\x12\x17\n\x0finclude_current\x18\x05 \x01(\x08\"w\n\x15WatchSessionsResponse\x12+\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x1c.flowsession.v1.SessionEvent\x12\x31\n\theartbeat\x18\x02 \x01(\x0b\x32\x1e.flowsession.v1.WatchHeartbeat2\xf5\x05\n\x0eSessionService\x12\\\n\rCreateSession\x12$.flowsession.v1.CreateSessionRequest\x1a%.flowsession.v1.CreateSessionResponse\x12S\n\nGetSession\x12!.flowsession.v1.GetSessionRequest\x1a\".flowsession.v1.GetSessionResponse\x12Y\n\x0cListSessions\x12#.flowsession.v1.ListSessionsRequest\x1a$.flowsession.v1.ListSessionsResponse\x12\x65\n\x10ReportStepResult\x12\'.flowsession.v1.ReportStepResultRequest\x1a(.flowsession.v1.ReportStepResultResponse\x12Y\n\x0c\x41\x62ortSession\x12#.flowsession.v1.AbortSessionRequest\x1a$.flowsession.v1.AbortSessionResponse\x12V\n\x0b\x46\x61ilSession\x12\".flowsession.v1.FailSessionRequest\x1a#.flowsession.v1.FailSessionResponse\x12[\n\x0cWatchSession\x12#.flowsession.v1.WatchSessionRequest\x1a$.flowsession.v1.WatchSessionResponse0\x01\x12^\n\rWatchSessions\x12$.flowsession.v1.WatchSessionsRequest\x1a%.flowsession.v1.WatchSessionsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,36 +36,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CREATESESSIONREQUEST_METADATAENTRY']._loaded_options = None
   _globals['_CREATESESSIONREQUEST_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_CREATESESSIONREQUEST']._serialized_start=117
-  _globals['_CREATESESSIONREQUEST']._serialized_end=393
-  _globals['_CREATESESSIONREQUEST_METADATAENTRY']._serialized_start=346
-  _globals['_CREATESESSIONREQUEST_METADATAENTRY']._serialized_end=393
-  _globals['_CREATESESSIONRESPONSE']._serialized_start=395
-  _globals['_CREATESESSIONRESPONSE']._serialized_end=483
-  _globals['_GETSESSIONREQUEST']._serialized_start=485
-  _globals['_GETSESSIONREQUEST']._serialized_end=545
-  _globals['_GETSESSIONRESPONSE']._serialized_start=547
-  _globals['_GETSESSIONRESPONSE']._serialized_end=609
-  _globals['_LISTSESSIONSREQUEST']._serialized_start=612
-  _globals['_LISTSESSIONSREQUEST']._serialized_end=759
-  _globals['_LISTSESSIONSRESPONSE']._serialized_start=761
-  _globals['_LISTSESSIONSRESPONSE']._serialized_end=851
-  _globals['_REPORTSTEPRESULTREQUEST']._serialized_start=854
-  _globals['_REPORTSTEPRESULTREQUEST']._serialized_end=1000
-  _globals['_REPORTSTEPRESULTRESPONSE']._serialized_start=1002
-  _globals['_REPORTSTEPRESULTRESPONSE']._serialized_end=1070
-  _globals['_ABORTSESSIONREQUEST']._serialized_start=1072
-  _globals['_ABORTSESSIONREQUEST']._serialized_end=1176
-  _globals['_ABORTSESSIONRESPONSE']._serialized_start=1178
-  _globals['_ABORTSESSIONRESPONSE']._serialized_end=1242
-  _globals['_FAILSESSIONREQUEST']._serialized_start=1245
-  _globals['_FAILSESSIONREQUEST']._serialized_end=1392
-  _globals['_FAILSESSIONRESPONSE']._serialized_start=1394
-  _globals['_FAILSESSIONRESPONSE']._serialized_end=1457
-  _globals['_WATCHSESSIONREQUEST']._serialized_start=1459
-  _globals['_WATCHSESSIONREQUEST']._serialized_end=1544
-  _globals['_WATCHSESSIONRESPONSE']._serialized_start=1546
-  _globals['_WATCHSESSIONRESPONSE']._serialized_end=1613
-  _globals['_SESSIONSERVICE']._serialized_start=1616
-  _globals['_SESSIONSERVICE']._serialized_end=2277
+  _globals['_CREATESESSIONREQUEST']._serialized_start=150
+  _globals['_CREATESESSIONREQUEST']._serialized_end=426
+  _globals['_CREATESESSIONREQUEST_METADATAENTRY']._serialized_start=379
+  _globals['_CREATESESSIONREQUEST_METADATAENTRY']._serialized_end=426
+  _globals['_CREATESESSIONRESPONSE']._serialized_start=428
+  _globals['_CREATESESSIONRESPONSE']._serialized_end=516
+  _globals['_GETSESSIONREQUEST']._serialized_start=518
+  _globals['_GETSESSIONREQUEST']._serialized_end=578
+  _globals['_GETSESSIONRESPONSE']._serialized_start=580
+  _globals['_GETSESSIONRESPONSE']._serialized_end=642
+  _globals['_LISTSESSIONSREQUEST']._serialized_start=645
+  _globals['_LISTSESSIONSREQUEST']._serialized_end=792
+  _globals['_LISTSESSIONSRESPONSE']._serialized_start=794
+  _globals['_LISTSESSIONSRESPONSE']._serialized_end=884
+  _globals['_REPORTSTEPRESULTREQUEST']._serialized_start=887
+  _globals['_REPORTSTEPRESULTREQUEST']._serialized_end=1033
+  _globals['_REPORTSTEPRESULTRESPONSE']._serialized_start=1035
+  _globals['_REPORTSTEPRESULTRESPONSE']._serialized_end=1103
+  _globals['_ABORTSESSIONREQUEST']._serialized_start=1105
+  _globals['_ABORTSESSIONREQUEST']._serialized_end=1209
+  _globals['_ABORTSESSIONRESPONSE']._serialized_start=1211
+  _globals['_ABORTSESSIONRESPONSE']._serialized_end=1275
+  _globals['_FAILSESSIONREQUEST']._serialized_start=1278
+  _globals['_FAILSESSIONREQUEST']._serialized_end=1425
+  _globals['_FAILSESSIONRESPONSE']._serialized_start=1427
+  _globals['_FAILSESSIONRESPONSE']._serialized_end=1490
+  _globals['_WATCHSESSIONREQUEST']._serialized_start=1492
+  _globals['_WATCHSESSIONREQUEST']._serialized_end=1577
+  _globals['_WATCHSESSIONRESPONSE']._serialized_start=1579
+  _globals['_WATCHSESSIONRESPONSE']._serialized_end=1697
+  _globals['_WATCHHEARTBEAT']._serialized_start=1699
+  _globals['_WATCHHEARTBEAT']._serialized_end=1800
+  _globals['_WATCHSESSIONSREQUEST']._serialized_start=1803
+  _globals['_WATCHSESSIONSREQUEST']._serialized_end=1959
+  _globals['_WATCHSESSIONSRESPONSE']._serialized_start=1961
+  _globals['_WATCHSESSIONSRESPONSE']._serialized_end=2080
+  _globals['_SESSIONSERVICE']._serialized_start=2083
+  _globals['_SESSIONSERVICE']._serialized_end=2840
 # @@protoc_insertion_point(module_scope)

@@ -1,5 +1,8 @@
+import datetime
+
 from flowsession.v1 import session_pb2 as _session_pb2
 from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -150,7 +153,41 @@ class WatchSessionRequest(_message.Message):
     def __init__(self, environment: _Optional[str] = ..., session_id: _Optional[str] = ..., after_version: _Optional[int] = ...) -> None: ...
 
 class WatchSessionResponse(_message.Message):
-    __slots__ = ("event",)
+    __slots__ = ("event", "heartbeat")
     EVENT_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     event: _session_pb2.SessionEvent
-    def __init__(self, event: _Optional[_Union[_session_pb2.SessionEvent, _Mapping]] = ...) -> None: ...
+    heartbeat: WatchHeartbeat
+    def __init__(self, event: _Optional[_Union[_session_pb2.SessionEvent, _Mapping]] = ..., heartbeat: _Optional[_Union[WatchHeartbeat, _Mapping]] = ...) -> None: ...
+
+class WatchHeartbeat(_message.Message):
+    __slots__ = ("cursor", "version", "heartbeat_time")
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_TIME_FIELD_NUMBER: _ClassVar[int]
+    cursor: str
+    version: int
+    heartbeat_time: _timestamp_pb2.Timestamp
+    def __init__(self, cursor: _Optional[str] = ..., version: _Optional[int] = ..., heartbeat_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class WatchSessionsRequest(_message.Message):
+    __slots__ = ("environment", "flow_id", "statuses", "after_cursor", "include_current")
+    ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
+    FLOW_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUSES_FIELD_NUMBER: _ClassVar[int]
+    AFTER_CURSOR_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_CURRENT_FIELD_NUMBER: _ClassVar[int]
+    environment: str
+    flow_id: str
+    statuses: _containers.RepeatedScalarFieldContainer[_session_pb2.SessionStatus]
+    after_cursor: str
+    include_current: bool
+    def __init__(self, environment: _Optional[str] = ..., flow_id: _Optional[str] = ..., statuses: _Optional[_Iterable[_Union[_session_pb2.SessionStatus, str]]] = ..., after_cursor: _Optional[str] = ..., include_current: _Optional[bool] = ...) -> None: ...
+
+class WatchSessionsResponse(_message.Message):
+    __slots__ = ("event", "heartbeat")
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    event: _session_pb2.SessionEvent
+    heartbeat: WatchHeartbeat
+    def __init__(self, event: _Optional[_Union[_session_pb2.SessionEvent, _Mapping]] = ..., heartbeat: _Optional[_Union[WatchHeartbeat, _Mapping]] = ...) -> None: ...

@@ -71,6 +71,11 @@ class SessionServiceStub:
                 request_serializer=flowsession_dot_v1_dot_session__service__pb2.WatchSessionRequest.SerializeToString,
                 response_deserializer=flowsession_dot_v1_dot_session__service__pb2.WatchSessionResponse.FromString,
                 _registered_method=True)
+        self.WatchSessions = channel.unary_stream(
+                '/flowsession.v1.SessionService/WatchSessions',
+                request_serializer=flowsession_dot_v1_dot_session__service__pb2.WatchSessionsRequest.SerializeToString,
+                response_deserializer=flowsession_dot_v1_dot_session__service__pb2.WatchSessionsResponse.FromString,
+                _registered_method=True)
 
 
 class SessionServiceServicer:
@@ -137,6 +142,18 @@ class SessionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchSessions(self, request, context):
+        """Streams every event of every matching session of the environment, in commit order, and never
+        ends by itself. Empty after_cursor: from now (include_current: first the latest event of each
+        matching RUNNING session); otherwise resumes exactly after that cursor, with no gap and no
+        duplicate, also across server restarts. Errors: INVALID_ARGUMENT, OUT_OF_RANGE (CURSOR_EXPIRED:
+        the cursor is older than retained history or from another database), RESOURCE_EXHAUSTED
+        (WATCHER_TOO_SLOW, TOO_MANY_WATCHERS), UNAVAILABLE (SHUTTING_DOWN, SERVER_BUSY).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SessionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -174,6 +191,11 @@ def add_SessionServiceServicer_to_server(servicer, server):
                     servicer.WatchSession,
                     request_deserializer=flowsession_dot_v1_dot_session__service__pb2.WatchSessionRequest.FromString,
                     response_serializer=flowsession_dot_v1_dot_session__service__pb2.WatchSessionResponse.SerializeToString,
+            ),
+            'WatchSessions': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchSessions,
+                    request_deserializer=flowsession_dot_v1_dot_session__service__pb2.WatchSessionsRequest.FromString,
+                    response_serializer=flowsession_dot_v1_dot_session__service__pb2.WatchSessionsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -367,6 +389,33 @@ class SessionService:
             '/flowsession.v1.SessionService/WatchSession',
             flowsession_dot_v1_dot_session__service__pb2.WatchSessionRequest.SerializeToString,
             flowsession_dot_v1_dot_session__service__pb2.WatchSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchSessions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/flowsession.v1.SessionService/WatchSessions',
+            flowsession_dot_v1_dot_session__service__pb2.WatchSessionsRequest.SerializeToString,
+            flowsession_dot_v1_dot_session__service__pb2.WatchSessionsResponse.FromString,
             options,
             channel_credentials,
             insecure,
