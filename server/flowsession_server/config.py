@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 DEFAULT_ENVIRONMENTS = ("live", "staging")
 
@@ -13,6 +14,13 @@ class Settings:
     # FULL: an answered write survives a power cut. NORMAL trades that for speed (survives a crash only).
     synchronous: str = "FULL"
     watch_queue: int = 1000
+    watch_heartbeat: float = 30.0
+    max_watchers: int = 20_000
+    # Streams replaying their backlog at once; beyond it opens are shed with UNAVAILABLE + RetryInfo.
+    max_opening_watchers: int = 256
+    event_retention: timedelta = timedelta(days=7)
+    # How often the change feed looks for commits by other processes on the same file.
+    feed_poll: float = 0.02
     read_threads: int = 4
     # Seconds in-flight calls get to finish on SIGTERM before they are cancelled.
     shutdown_grace: float = 10.0

@@ -13,12 +13,14 @@ from flowsession.v1 import flow_service_pb2, flow_service_pb2_grpc, session_serv
 
 from ..clock import Clock, SystemClock
 from ..config import Settings
-from ..domain.model import SessionEvent
+from ..events.feed import Feed
 from ..events.hub import Hub
 from ..expiry import ExpiryScheduler
+from ..retention import Retention
 from ..store.store import Store
 from .flow_service import FlowService
 from .session_service import SessionService
+from .streams import Streams, WatchSettings
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +47,15 @@ class FlowsessionServer:
     def __init__(self, settings: Settings, clock: Clock):
         self.settings = settings
         self.clock = clock
-        self.hub = Hub(queue_size=settings.watch_queue)
+        self.hub = Hub(queue_size=settings.watch_queue, max_watchers=settings.max_watchers)
         self.store = Store(settings.db_path, clock, synchronous=settings.synchronous, read_threads=settings.read_threads)
         self.expiry = ExpiryScheduler(self.store, clock)
+        self.feed = Feed(self.store, [self.hub.publish, self.expiry.observe], poll_interval=settings.feed_poll)
+        self.retention = Retention(self.store, settings.event_retention)
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
         self.port = 0
         self._stopped = asyncio.Event()
-
-    def _on_commit(self, events: list[SessionEvent]) -> None:
-        self.hub.publish(events)
-        self.expiry.observe(events)
 
     def _on_health(self, _writable: bool) -> None:
         asyncio.ensure_future(self._publish_health())
@@ -67,11 +67,19 @@ class FlowsessionServer:
             await self.health.set(name, status)
 
     async def start(self, address: str) -> int:
-        await self.store.open(self._on_commit, self._on_health)
+        await self.store.open(self.feed.on_commit, self._on_health)
+        await self.feed.start()
         self.expiry.start().add_done_callback(self._expiry_ended)
+        self.retention.start()
+        streams = Streams(
+            self.store,
+            self.hub,
+            self.clock,
+            WatchSettings(heartbeat=self.settings.watch_heartbeat, max_opening=self.settings.max_opening_watchers),
+        )
         flow_service_pb2_grpc.add_FlowServiceServicer_to_server(FlowService(self.store, self.settings.environments), self.server)
         session_service_pb2_grpc.add_SessionServiceServicer_to_server(
-            SessionService(self.store, self.hub, self.settings.environments), self.server
+            SessionService(self.store, streams, self.settings.environments), self.server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -95,7 +103,9 @@ class FlowsessionServer:
         await self._publish_health()
         self.hub.close()
         await self.server.stop(self.settings.shutdown_grace if grace is None else grace)
+        await self.retention.stop()
         await self.expiry.stop()
+        await self.feed.stop()
         await self.store.close()
 
 

@@ -8,8 +8,11 @@ from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from flowsession.v1 import flow_pb2, session_pb2
 
+from ..domain.errors import Violations
 from ..domain.model import (
     DEFAULT_EXECUTION_TIMEOUT,
+    MAX_EXECUTION_TIMEOUT,
+    MIN_EXECUTION_TIMEOUT,
     EventType,
     Flow,
     FlowGraph,
@@ -54,10 +57,20 @@ def outcome_from_pb(value: int) -> SessionOutcome | None:
     return _OUTCOME_FROM_PB.get(value)
 
 
-def execution_timeout(request: Any) -> timedelta:
+def execution_timeout(v: Violations, request: Any) -> timedelta:
+    """Checked on the exact Duration, before conversion can overflow or round it."""
     if not request.HasField("execution_timeout"):
         return DEFAULT_EXECUTION_TIMEOUT
-    return request.execution_timeout.ToTimedelta()
+    d = request.execution_timeout
+    total_ns = d.seconds * 1_000_000_000 + d.nanos
+    low, high = (int(t / timedelta(microseconds=1)) * 1000 for t in (MIN_EXECUTION_TIMEOUT, MAX_EXECUTION_TIMEOUT))
+    if not low <= total_ns <= high:
+        v.add("execution_timeout", "must be between 1 second and 30 days")
+    elif d.nanos % 1000:
+        v.add("execution_timeout", "must be a whole number of microseconds")
+    else:
+        return d.ToTimedelta()
+    return DEFAULT_EXECUTION_TIMEOUT
 
 
 def graph_from_pb(start_step_id: str, steps: Any) -> FlowGraph:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -87,22 +87,3 @@ def unary(fn: Handler) -> Handler:
             await context.abort_with_status(internal_status())
 
     return wrapper  # type: ignore[return-value]
-
-
-def stream(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-    """The same for server-streaming methods. CancelledError (the client left) passes through untouched."""
-
-    @functools.wraps(fn)
-    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        try:
-            async for item in fn(self, request, context):
-                yield item
-        except grpc.aio.AbortError:
-            raise
-        except d.DomainError as error:
-            await context.abort_with_status(status_for(error))
-        except Exception:
-            log.exception("unexpected error in %s", fn.__qualname__)
-            await context.abort_with_status(internal_status())
-
-    return wrapper

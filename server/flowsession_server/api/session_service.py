@@ -2,20 +2,18 @@
 from __future__ import annotations
 
 import hashlib
-from typing import AsyncIterator
-
 import grpc
 
 from flowsession.v1 import session_service_pb2 as pb, session_service_pb2_grpc
 
 from ..domain import lifecycle, limits, paging, validation
-from ..domain.errors import OutOfRange, Violations
-from ..events.hub import Hub
+from ..domain.errors import Violations
+from ..domain.model import SessionStatus
 from ..store.codec import to_us
 from ..store.commands import IdempotencyKey, NewSession
-from ..store.reads import EVENT_PAGE
 from ..store.store import Store, new_id
 from . import convert, errors, tokens
+from .streams import Streams
 
 
 def _fingerprint(request: object) -> str:
@@ -31,15 +29,26 @@ def _session_ref(v: Violations, request, environments: frozenset[str]) -> None:
     validation.identifier(v, "session_id", request.session_id)
 
 
+def _statuses(v: Violations, values) -> list[SessionStatus]:
+    statuses = []
+    for i, value in enumerate(values):
+        status = convert.STATUS_FROM_PB.get(value)
+        if status is None:
+            v.add(f"statuses[{i}]", f"not a session status: {value}")
+        else:
+            statuses.append(status)
+    return statuses
+
+
 def _expected_version(v: Violations, value: int) -> None:
     if value < 0:
         v.add("expected_version", "must not be negative")
 
 
 class SessionService(session_service_pb2_grpc.SessionServiceServicer):
-    def __init__(self, store: Store, hub: Hub, environments: frozenset[str]):
+    def __init__(self, store: Store, streams: Streams, environments: frozenset[str]):
         self._store = store
-        self._hub = hub
+        self._streams = streams
         self._environments = environments
 
     @property
@@ -59,12 +68,16 @@ class SessionService(session_service_pb2_grpc.SessionServiceServicer):
         validation.redirect_url(v, request.redirect_url)
         validation.text(v, "state", request.state, max_len=limits.MAX_STATE)
         validation.text(v, "request_id", request.request_id, max_len=limits.MAX_REQUEST_ID)
+        try:
+            session_input = convert.struct_to_dict(request.input)
+        except ValueError as exc:  # NaN and Infinity have no JSON form
+            v.add("input", f"is not representable as JSON: {exc}")
         v.raise_if_any()
         new = NewSession(
             session_id=new_id("ses"),
             flow_id=request.flow_id,
             environment=request.environment,
-            input=convert.struct_to_dict(request.input),
+            input=session_input,
             metadata=dict(request.metadata),
             redirect_url=request.redirect_url,
             state=request.state,
@@ -93,13 +106,7 @@ class SessionService(session_service_pb2_grpc.SessionServiceServicer):
         validation.environment(v, request.environment, self._environments)
         if request.flow_id:
             validation.identifier(v, "flow_id", request.flow_id)
-        statuses = []
-        for i, value in enumerate(request.statuses):
-            status = convert.STATUS_FROM_PB.get(value)
-            if status is None:
-                v.add(f"statuses[{i}]", f"not a session status: {value}")
-            else:
-                statuses.append(status)
+        statuses = _statuses(v, request.statuses)
         size = validation.page_size(v, request.page_size)
         v.raise_if_any()
         key = self._store.keys.page_key
@@ -172,48 +179,24 @@ class SessionService(session_service_pb2_grpc.SessionServiceServicer):
         session = await self._store.change_session(request.environment, request.session_id, verb)
         return pb.FailSessionResponse(session=convert.session_pb(session))
 
-    @errors.stream
-    async def WatchSession(
-        self, request: pb.WatchSessionRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.WatchSessionResponse]:
+    @errors.unary
+    async def WatchSession(self, request: pb.WatchSessionRequest, context: grpc.aio.ServicerContext) -> None:
         v = Violations()
         _session_ref(v, request, self._environments)
         if request.after_version < 0:
             v.add("after_version", "must not be negative")
         v.raise_if_any()
-        # Subscribe before reading the log: whatever commits in between arrives live and is deduplicated.
-        watcher = self._hub.subscribe(request.session_id)
-        try:
-            session = await self._store.get_session(request.environment, request.session_id)
-            if request.after_version > session.version:
-                raise OutOfRange(
-                    f"after_version {request.after_version} is beyond the session's version {session.version}",
-                    reason="VERSION_AHEAD",
-                    metadata={"version": str(session.version)},
-                )
-            # after_version 0 starts from the current state: the event that produced it.
-            if session.status.terminal and request.after_version == session.version:
-                return  # the caller already has the terminal event
-            start = request.after_version or session.version - 1
-            last = start
-            pending = await self._store.events_after(request.session_id, start)
-            while True:
-                for event in pending:
-                    if event.version <= last:
-                        continue
-                    yield pb.WatchSessionResponse(event=convert.event_pb(event, self._epoch))
-                    last = event.version
-                    if event.terminal:
-                        return
-                if len(pending) >= EVENT_PAGE:  # a long history: read the next page of the log
-                    pending = await self._store.events_after(request.session_id, last)
-                    continue
-                live = await watcher.next()
-                if live.version <= last:
-                    pending = []
-                elif live.version == last + 1:
-                    pending = [live]
-                else:  # a gap (another process committed in between): refill from the log
-                    pending = await self._store.events_after(request.session_id, last)
-        finally:
-            self._hub.unsubscribe(watcher)
+        await self._streams.watch_session(request, context)
+
+    @errors.unary
+    async def WatchSessions(self, request: pb.WatchSessionsRequest, context: grpc.aio.ServicerContext) -> None:
+        v = Violations()
+        validation.environment(v, request.environment, self._environments)
+        if request.flow_id:
+            validation.identifier(v, "flow_id", request.flow_id)
+        _statuses(v, request.statuses)
+        validation.text(v, "after_cursor", request.after_cursor, max_len=limits.MAX_ID)
+        if request.after_cursor and request.include_current:
+            v.add("include_current", "only applies when watching from now (empty after_cursor)")
+        v.raise_if_any()
+        await self._streams.watch_sessions(request, context)

@@ -26,4 +26,4 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1_000
 
 # Step ids and verdicts travel in URLs and logs, so keep them to a safe alphabet.
-TOKEN_PATTERN = re.compile(r"^[A-Za-z0-9_.\-]+$")
+TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_.\-]+")  # used with fullmatch

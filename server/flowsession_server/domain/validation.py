@@ -23,7 +23,7 @@ def token(v: Violations, field: str, value: str, *, max_len: int, required: bool
         return
     if len(value) > max_len:
         v.add(field, f"must be at most {max_len} characters (got {len(value)})")
-    elif not limits.TOKEN_PATTERN.match(value):
+    elif not limits.TOKEN_PATTERN.fullmatch(value):
         v.add(field, "may contain only letters, digits, '_', '.' and '-'")
 
 
@@ -48,8 +48,13 @@ def redirect_url(v: Violations, value: str) -> None:
         parts = urlsplit(value)
     except ValueError:
         parts = None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
-        v.add("redirect_url", "must be an absolute http or https URL")
+    if (
+        parts is None
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or any(c.isspace() for c in value)
+    ):
+        v.add("redirect_url", "must be an absolute http or https URL with a host")
 
 
 def metadata(v: Violations, value: Mapping[str, str]) -> None:

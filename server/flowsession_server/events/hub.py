@@ -1,46 +1,85 @@
-"""Per-session fan-out of committed events.
+"""Fan-out of committed events to watchers, each through its own bounded buffer.
 
 A watcher registers *before* it reads its backlog from the store and drops what it already sent,
-so together with the log it sees every event once (ARCHITECTURE.md, convention 6). Each watcher has a
-bounded buffer: one that falls behind is ended with WATCHER_TOO_SLOW instead of slowing the writer,
-other watchers, or growing without bound.
+so together with the log it sees every event once (ARCHITECTURE.md, convention 6). Publishing never
+blocks: a watcher whose buffer is full is either sent back to the log (while it is still catching
+up, the log has everything) or ended with WATCHER_TOO_SLOW, so a slow client never slows writers or
+other watchers, and memory stays bounded.
 """
 from __future__ import annotations
 
 import asyncio
+import random
 from collections import deque
+from typing import Callable
 
 from ..domain.errors import DomainError, ResourceExhausted, Unavailable
 from ..domain.model import SessionEvent
 
+Match = Callable[[SessionEvent], bool]
+
 
 class Watcher:
-    def __init__(self, session_id: str, capacity: int):
-        self.session_id = session_id
+    def __init__(
+        self, hub: Hub, index: dict[str, set[Watcher]], key: str, capacity: int, match: Match | None, *, catching_up: bool
+    ):
+        self._hub = hub
+        self.index = index
+        self.key = key  # a session id, or an environment for WatchSessions
+        self.match = match
         self._capacity = capacity
         self._buffer: deque[SessionEvent] = deque()
         self._ready = asyncio.Event()
         self._ended: DomainError | None = None
+        self._on_end: Callable[[], None] | None = None
+        # While catching up from the log, an overflow only means "read more from the log".
+        self.catching_up = catching_up
+        self.overflowed = False
+
+    @property
+    def idle(self) -> bool:
+        return not self._buffer
 
     def offer(self, event: SessionEvent) -> None:
-        if self._ended is not None:
+        if self._ended is not None or self.overflowed:
             return
         if len(self._buffer) >= self._capacity:
-            self.end(
-                ResourceExhausted(
-                    f"the watcher fell more than {self._capacity} events behind; resume from the last version received",
-                    reason="WATCHER_TOO_SLOW",
+            self._buffer.clear()
+            if self.catching_up:
+                self.overflowed = True
+            else:
+                self.end(
+                    ResourceExhausted(
+                        f"the watcher fell more than {self._capacity} events behind; resume from the last one received",
+                        reason="WATCHER_TOO_SLOW",
+                    )
                 )
-            )
             return
         self._buffer.append(event)
         self._ready.set()
 
+    def on_end(self, callback: Callable[[], None]) -> None:
+        """``callback`` runs when the watch is ended from outside (to interrupt a blocked send)."""
+        self._on_end = callback
+
     def end(self, error: DomainError) -> None:
         """Ends the watch: ``next()`` raises ``error`` as soon as it is called."""
+        if self._ended is not None:
+            return
         self._ended = error
         self._buffer.clear()
         self._ready.set()
+        if self._on_end is not None:
+            self._on_end()
+
+    @property
+    def ended(self) -> DomainError | None:
+        return self._ended
+
+    def take_overflow(self) -> bool:
+        """True (once) if the buffer overflowed while catching up: the caller re-reads the log."""
+        overflowed, self.overflowed = self.overflowed, False
+        return overflowed
 
     async def next(self) -> SessionEvent:
         while True:
@@ -51,40 +90,70 @@ class Watcher:
             self._ready.clear()
             await self._ready.wait()
 
+    def close(self) -> None:
+        self._hub.unsubscribe(self)
+
 
 class Hub:
-    def __init__(self, *, queue_size: int):
+    def __init__(self, *, queue_size: int, max_watchers: int):
         self._queue_size = queue_size
+        self._max_watchers = max_watchers
         self._by_session: dict[str, set[Watcher]] = {}
+        self._by_environment: dict[str, set[Watcher]] = {}
+        self._count = 0
         self._closed: DomainError | None = None
+        # The cursor of the last event published: every event up to it has been offered to every watcher.
+        self.high_water = 0
 
     @property
     def watcher_count(self) -> int:
-        return sum(len(ws) for ws in self._by_session.values())
+        return self._count
 
-    def subscribe(self, session_id: str) -> Watcher:
+    def watch_session(self, session_id: str) -> Watcher:
+        return self._add(self._by_session, session_id, None, catching_up=False)
+
+    def watch_environment(self, environment: str, match: Match, *, catching_up: bool) -> Watcher:
+        return self._add(self._by_environment, environment, match, catching_up=catching_up)
+
+    def _add(self, index: dict[str, set[Watcher]], key: str, match: Match | None, *, catching_up: bool) -> Watcher:
         if self._closed is not None:
             raise self._closed
-        watcher = Watcher(session_id, self._queue_size)
-        self._by_session.setdefault(session_id, set()).add(watcher)
+        if self._count >= self._max_watchers:
+            raise ResourceExhausted(
+                f"this server already has {self._max_watchers} open watch streams",
+                reason="TOO_MANY_WATCHERS",
+                retry_after=round(random.uniform(1.0, 5.0), 3),
+                metadata={"max_watchers": str(self._max_watchers)},
+            )
+        watcher = Watcher(self, index, key, self._queue_size, match, catching_up=catching_up)
+        index.setdefault(key, set()).add(watcher)
+        self._count += 1
         return watcher
 
     def unsubscribe(self, watcher: Watcher) -> None:
-        watchers = self._by_session.get(watcher.session_id)
-        if watchers is not None:
+        index = watcher.index
+        watchers = index.get(watcher.key)
+        if watchers is not None and watcher in watchers:
             watchers.discard(watcher)
+            self._count -= 1
             if not watchers:
-                del self._by_session[watcher.session_id]
+                del index[watcher.key]
 
     def publish(self, events: list[SessionEvent]) -> None:
-        """Called on the event loop, once per commit, in commit order."""
+        """Called on the event loop in cursor (commit) order."""
         for event in events:
             for watcher in tuple(self._by_session.get(event.session_id, ())):
                 watcher.offer(event)
+            for watcher in tuple(self._by_environment.get(event.session.environment, ())):
+                if watcher.match is None or watcher.match(event):
+                    watcher.offer(event)
+            if event.cursor > self.high_water:
+                self.high_water = event.cursor
 
     def close(self) -> None:
-        """Shutdown: every open watch ends with UNAVAILABLE so clients reconnect elsewhere or later."""
+        """Shutdown: every open watch ends with UNAVAILABLE so clients resume elsewhere or later."""
         self._closed = Unavailable("the server is shutting down; resume the watch", reason="SHUTTING_DOWN", retry_after=1.0)
-        for watchers in self._by_session.values():
-            for watcher in watchers:
-                watcher.end(self._closed)
+        for index in (self._by_session, self._by_environment):
+            for watchers in list(index.values()):
+                for watcher in list(watchers):
+                    watcher.end(self._closed)

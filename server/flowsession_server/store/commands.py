@@ -222,9 +222,13 @@ def _apply(conn: sqlite3.Connection, before: Session, event: SessionEvent) -> Se
 
 
 def _append_event(conn: sqlite3.Connection, event: SessionEvent) -> SessionEvent:
+    s = event.session
     cur = conn.execute(
-        "INSERT INTO events (session_id, version, type, event_us, body) VALUES (?,?,?,?,?)",
-        [event.session_id, event.version, event.type.value, codec.to_us(event.event_time), codec.session_body(event.session)],
+        "INSERT INTO events (session_id, version, type, event_us, environment, flow_id, status, body) VALUES (?,?,?,?,?,?,?,?)",
+        [
+            event.session_id, event.version, event.type.value, codec.to_us(event.event_time),
+            s.environment, s.flow_id, s.status.value, codec.session_body(s),
+        ],
     )
     return replace(event, cursor=cur.lastrowid or 0)
 
@@ -288,3 +292,26 @@ def not_found_session(environment: str, session_id: str) -> NotFound:
     )
 
 
+
+
+def prune_events(limit: int, retention: timedelta, now: datetime) -> Command:
+    """Deletes up to ``limit`` events older than ``retention``, never one of a RUNNING session and never
+    a session's latest event (WatchSession starts from it). Value: how many were deleted."""
+
+    def run(conn: sqlite3.Connection) -> Done[int]:
+        cutoff = codec.to_us(now - retention)
+        rows = conn.execute(
+            "SELECT e.cursor FROM events e JOIN sessions s ON s.session_id = e.session_id "
+            "WHERE e.event_us < ? AND s.status != 'RUNNING' AND e.version < s.version LIMIT ?",
+            [cutoff, limit],
+        ).fetchall()
+        cursors = [r["cursor"] for r in rows]
+        if cursors:
+            conn.executemany("DELETE FROM events WHERE cursor = ?", [[c] for c in cursors])
+            conn.execute(
+                "UPDATE meta SET value = CAST(MAX(CAST(value AS INTEGER), ?) AS TEXT) WHERE key = 'pruned_through'",
+                [max(cursors)],
+            )
+        return Done(len(cursors))
+
+    return run

@@ -14,6 +14,7 @@ from . import codec, schema
 T = TypeVar("T")
 
 EVENT_PAGE = 1000
+_EVENT_COLUMNS = "e.cursor, e.session_id, e.version, e.type, e.event_us, e.body, s.input"
 
 
 def get_flow(conn: sqlite3.Connection, flow_id: str) -> Flow | None:
@@ -98,12 +99,73 @@ def list_sessions(
 
 def events_after(conn: sqlite3.Connection, session_id: str, after_version: int, limit: int = EVENT_PAGE) -> list[SessionEvent]:
     rows = conn.execute(
-        "SELECT e.cursor, e.session_id, e.version, e.type, e.event_us, e.body, s.input "
-        "FROM events e JOIN sessions s ON s.session_id = e.session_id "
+        f"SELECT {_EVENT_COLUMNS} FROM events e JOIN sessions s ON s.session_id = e.session_id "
         "WHERE e.session_id = ? AND e.version > ? ORDER BY e.version LIMIT ?",
         [session_id, after_version, limit],
     ).fetchall()
     return [codec.event_from_row(r) for r in rows]
+
+
+def events_since(conn: sqlite3.Connection, after_cursor: int, limit: int) -> list[SessionEvent]:
+    rows = conn.execute(
+        f"SELECT {_EVENT_COLUMNS} FROM events e JOIN sessions s ON s.session_id = e.session_id "
+        "WHERE e.cursor > ? ORDER BY e.cursor LIMIT ?",
+        [after_cursor, limit],
+    ).fetchall()
+    return [codec.event_from_row(r) for r in rows]
+
+
+def _environment_filter(environment: str, flow_id: str, statuses: Iterable[SessionStatus], column: str) -> tuple[str, list[Any]]:
+    where = [f"{column}.environment = ?"]
+    args: list[Any] = [environment]
+    if flow_id:
+        where.append(f"{column}.flow_id = ?")
+        args.append(flow_id)
+    values = sorted({s.value for s in statuses})
+    if values:
+        where.append(f"{column}.status IN ({','.join('?' * len(values))})")
+        args.extend(values)
+    return " AND ".join(where), args
+
+
+def environment_events(
+    conn: sqlite3.Connection,
+    environment: str,
+    flow_id: str,
+    statuses: Iterable[SessionStatus],
+    after_cursor: int,
+    limit: int,
+) -> list[SessionEvent]:
+    """The log of one environment after a cursor, filtered like WatchSessions (status after the event)."""
+    where, args = _environment_filter(environment, flow_id, statuses, "e")
+    rows = conn.execute(
+        f"SELECT {_EVENT_COLUMNS} FROM events e JOIN sessions s ON s.session_id = e.session_id "
+        f"WHERE {where} AND e.cursor > ? ORDER BY e.cursor LIMIT ?",
+        [*args, after_cursor, limit],
+    ).fetchall()
+    return [codec.event_from_row(r) for r in rows]
+
+
+def current_events(
+    conn: sqlite3.Connection, environment: str, flow_id: str, after_cursor: int, up_to_cursor: int, limit: int
+) -> list[SessionEvent]:
+    """The latest event of each RUNNING session whose latest cursor is in (after_cursor, up_to_cursor]."""
+    where, args = _environment_filter(environment, flow_id, (SessionStatus.RUNNING,), "s")
+    rows = conn.execute(
+        f"SELECT {_EVENT_COLUMNS} FROM sessions s JOIN events e ON e.session_id = s.session_id AND e.version = s.version "
+        f"WHERE {where} AND e.cursor > ? AND e.cursor <= ? ORDER BY e.cursor LIMIT ?",
+        [*args, after_cursor, up_to_cursor, limit],
+    ).fetchall()
+    return [codec.event_from_row(r) for r in rows]
+
+
+def max_cursor(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT MAX(cursor) AS c FROM events").fetchone()
+    return row["c"] or 0
+
+
+def pruned_through(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("SELECT value FROM meta WHERE key = 'pruned_through'").fetchone()["value"])
 
 
 def next_expiry_us(conn: sqlite3.Connection) -> int | None:

@@ -47,8 +47,11 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     db.execute(
         """CREATE TABLE events (
             cursor INTEGER PRIMARY KEY AUTOINCREMENT, session_id TEXT NOT NULL, version INTEGER NOT NULL,
-            type TEXT NOT NULL, event_us INTEGER NOT NULL, body TEXT NOT NULL, UNIQUE (session_id, version))"""
+            type TEXT NOT NULL, event_us INTEGER NOT NULL, environment TEXT NOT NULL, flow_id TEXT NOT NULL,
+            status TEXT NOT NULL, body TEXT NOT NULL, UNIQUE (session_id, version))"""
     )
+    db.execute("CREATE INDEX events_by_env ON events (environment, cursor)")
+    db.execute("CREATE INDEX events_by_time ON events (event_us)")
     # Idempotency keys: scope is "create:<environment>" or "report:<session_id>".
     db.execute(
         """CREATE TABLE request_ids (
@@ -59,6 +62,8 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     db.execute("INSERT INTO meta (key, value) VALUES ('epoch', ?)", [secrets.token_hex(8)])
     db.execute("INSERT INTO meta (key, value) VALUES ('token_key', ?)", [secrets.token_hex(32)])
     db.execute("INSERT INTO meta (key, value) VALUES ('page_key', ?)", [secrets.token_hex(32)])
+    # Highest cursor removed by retention: resuming from below it would skip events.
+    db.execute("INSERT INTO meta (key, value) VALUES ('pruned_through', '0')")
 
 
 def connect(path: str, *, synchronous: str = "FULL") -> sqlite3.Connection:

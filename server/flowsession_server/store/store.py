@@ -147,6 +147,28 @@ class Store:
     async def events_after(self, session_id: str, after_version: int) -> list[SessionEvent]:
         return await self._read(reads.events_after, session_id, after_version)
 
+    async def events_since(self, after_cursor: int, limit: int) -> list[SessionEvent]:
+        return await self._read(reads.events_since, after_cursor, limit)
+
+    async def environment_events(
+        self, environment: str, flow_id: str, statuses: Iterable[SessionStatus], after_cursor: int, limit: int
+    ) -> list[SessionEvent]:
+        return await self._read(reads.environment_events, environment, flow_id, tuple(statuses), after_cursor, limit)
+
+    async def current_events(
+        self, environment: str, flow_id: str, after_cursor: int, up_to_cursor: int, limit: int
+    ) -> list[SessionEvent]:
+        return await self._read(reads.current_events, environment, flow_id, after_cursor, up_to_cursor, limit)
+
+    async def max_cursor(self) -> int:
+        return await self._read(reads.max_cursor)
+
+    async def pruned_through(self) -> int:
+        return await self._read(reads.pruned_through)
+
+    async def prune_events(self, retention: timedelta, *, limit: int = 5000) -> int:
+        return await self._write(commands.prune_events, limit, retention)
+
     async def next_expiry(self) -> datetime | None:
         due = await self._read(reads.next_expiry_us)
         return None if due is None else codec.from_us(due)

@@ -1,0 +1,254 @@
+"""The two watch streams. Both register with the hub before reading the log, send events in order with no
+gap and no duplicate, send heartbeats when idle, and end promptly when the hub ends their watcher (too
+slow, shutdown) even while blocked sending to a client that stopped reading."""
+from __future__ import annotations
+
+import asyncio
+import copy
+import random
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import grpc
+
+from flowsession.v1 import session_service_pb2 as pb
+
+from ..clock import Clock
+from ..domain.errors import DomainError, FieldViolation, InvalidArgument, OutOfRange, Unavailable
+from ..domain.model import SessionEvent, SessionStatus
+from ..events.hub import Hub, Watcher
+from ..store.reads import EVENT_PAGE
+from ..store.store import Store
+from . import convert
+
+
+@dataclass(frozen=True)
+class WatchSettings:
+    heartbeat: float  # seconds of idleness before a heartbeat
+    max_opening: int  # streams allowed to replay their backlog at once; more are shed with RetryInfo
+
+
+class _Sender:
+    """Writes to the stream; a watcher ended from outside interrupts a write blocked on flow control."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, watcher: Watcher):
+        self._context = context
+        self._watcher = watcher
+        self._task = asyncio.current_task()
+        self._sending = False
+        self.interrupted = False
+        watcher.on_end(self._interrupt)
+
+    def _interrupt(self) -> None:
+        if self._sending and self._task is not None:
+            self.interrupted = True
+            self._task.cancel()
+
+    async def send(self, message: Any) -> None:
+        self._sending = True
+        try:
+            await self._context.write(message)
+        finally:
+            self._sending = False
+
+
+class Streams:
+    def __init__(self, store: Store, hub: Hub, clock: Clock, settings: WatchSettings):
+        self._store = store
+        self._hub = hub
+        self._clock = clock
+        self._settings = settings
+        self._opening = 0
+
+    @property
+    def _epoch(self) -> str:
+        assert self._store.keys is not None
+        return self._store.keys.epoch
+
+    def _heartbeat(self, *, cursor: int = 0, version: int = 0) -> pb.WatchHeartbeat:
+        return pb.WatchHeartbeat(
+            cursor=convert.cursor_token(self._epoch, cursor) if cursor else "",
+            version=version,
+            heartbeat_time=convert.timestamp(self._clock.now()),
+        )
+
+    async def _run(
+        self,
+        context: grpc.aio.ServicerContext,
+        watcher: Watcher,
+        body: Callable[[_Sender], Awaitable[None]],
+        position: Callable[[], dict[str, str]],
+    ) -> None:
+        sender = _Sender(context, watcher)
+        try:
+            await body(sender)
+        except asyncio.CancelledError:
+            if not sender.interrupted:
+                raise  # the client went away
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            error = watcher.ended
+            assert error is not None
+            raise _with_position(error, position()) from None
+        except DomainError as error:
+            if error is watcher.ended:  # too slow, or shutting down: say where to resume
+                raise _with_position(error, position()) from None
+            raise
+        finally:
+            watcher.close()
+
+    def _admit(self) -> None:
+        if self._opening >= self._settings.max_opening:
+            raise Unavailable(
+                "too many watch streams are opening at once; retry shortly",
+                reason="SERVER_BUSY",
+                retry_after=round(random.uniform(0.05, 0.5), 3),
+            )
+        self._opening += 1
+
+    async def _next(self, watcher: Watcher) -> SessionEvent | None:
+        """The next live event, or None when the stream has been idle for the heartbeat interval."""
+        try:
+            return await asyncio.wait_for(watcher.next(), timeout=self._settings.heartbeat)
+        except TimeoutError:
+            return None
+
+    async def watch_session(self, request: pb.WatchSessionRequest, context: grpc.aio.ServicerContext) -> None:
+        watcher = self._hub.watch_session(request.session_id)
+        last = request.after_version
+
+        async def body(sender: _Sender) -> None:
+            nonlocal last
+            self._admit()
+            try:
+                session = await self._store.get_session(request.environment, request.session_id)
+                if request.after_version > session.version:
+                    raise OutOfRange(
+                        f"after_version {request.after_version} is beyond the session's version {session.version}",
+                        reason="VERSION_AHEAD",
+                        metadata={"version": str(session.version)},
+                    )
+                if session.status.terminal and request.after_version == session.version:
+                    return  # the caller already has the terminal event
+                # after_version 0 starts from the current state: the event that produced it.
+                last = request.after_version or session.version - 1
+                pending = await self._store.events_after(request.session_id, last)
+                if pending and pending[0].version != last + 1:
+                    raise OutOfRange(
+                        f"events after version {last} are no longer retained; read the session and watch from 0",
+                        reason="CURSOR_EXPIRED",
+                        metadata={"oldest_version": str(pending[0].version)},
+                    )
+            finally:
+                self._opening -= 1
+            while True:
+                for event in pending:
+                    if event.version <= last:
+                        continue
+                    await sender.send(pb.WatchSessionResponse(event=convert.event_pb(event, self._epoch)))
+                    last = event.version
+                    if event.terminal:
+                        return
+                if len(pending) >= EVENT_PAGE:  # a long history: read the next page of the log
+                    pending = await self._store.events_after(request.session_id, last)
+                    continue
+                live = await self._next(watcher)
+                if live is None:
+                    await sender.send(pb.WatchSessionResponse(heartbeat=self._heartbeat(version=last)))
+                    pending = []
+                elif live.version <= last:
+                    pending = []
+                elif live.version == last + 1:
+                    pending = [live]
+                else:  # a gap (another process committed in between): refill from the log
+                    pending = await self._store.events_after(request.session_id, last)
+
+        await self._run(context, watcher, body, lambda: {"last_version": str(last)})
+
+    async def watch_sessions(self, request: pb.WatchSessionsRequest, context: grpc.aio.ServicerContext) -> None:
+        statuses = frozenset(convert.STATUS_FROM_PB[s] for s in request.statuses)
+
+        def match(event: SessionEvent) -> bool:
+            return (not request.flow_id or event.session.flow_id == request.flow_id) and (
+                not statuses or event.session.status in statuses
+            )
+
+        watcher = self._hub.watch_environment(request.environment, match, catching_up=True)
+        # From now: everything the hub publishes after this point reaches the watcher.
+        last = self._hub.high_water
+
+        async def send(event: SessionEvent, sender: _Sender) -> None:
+            nonlocal last
+            await sender.send(pb.WatchSessionsResponse(event=convert.event_pb(event, self._epoch)))
+            last = max(last, event.cursor)
+
+        async def body(sender: _Sender) -> None:
+            nonlocal last
+            self._admit()
+            try:
+                if request.after_cursor:
+                    last = await self._resume_point(request.after_cursor)
+                    # Replay the log until caught up with the hub; an overflow meanwhile only means
+                    # that more of it is read from the log.
+                    while True:
+                        page = await self._store.environment_events(
+                            request.environment, request.flow_id, statuses, last, EVENT_PAGE
+                        )
+                        for event in page:
+                            await send(event, sender)
+                        if len(page) < EVENT_PAGE and not watcher.take_overflow():
+                            break
+                elif request.include_current and (not statuses or SessionStatus.RUNNING in statuses):
+                    up_to, position = last, 0
+                    while True:
+                        page = await self._store.current_events(
+                            request.environment, request.flow_id, position, up_to, EVENT_PAGE
+                        )
+                        for event in page:
+                            await sender.send(pb.WatchSessionsResponse(event=convert.event_pb(event, self._epoch)))
+                        if len(page) < EVENT_PAGE:
+                            break
+                        position = page[-1].cursor
+            finally:
+                self._opening -= 1
+            watcher.catching_up = False
+            while True:
+                live = await self._next(watcher)
+                if live is None:
+                    if watcher.idle:  # every matching event up to the hub's high water has been sent
+                        last = max(last, self._hub.high_water)
+                    await sender.send(pb.WatchSessionsResponse(heartbeat=self._heartbeat(cursor=last)))
+                elif live.cursor > last:
+                    await send(live, sender)
+
+        await self._run(context, watcher, body, lambda: {"last_cursor": convert.cursor_token(self._epoch, last)})
+
+    async def _resume_point(self, token: str) -> int:
+        epoch, _, position = token.rpartition("-")
+        try:
+            cursor = int(position, 16)
+        except ValueError:
+            cursor = -1
+        if not epoch or cursor < 0:
+            raise InvalidArgument.of([FieldViolation("after_cursor", "is not a cursor this service issued")])
+        oldest = await self._store.pruned_through()
+        if epoch != self._epoch:
+            raise self._expired("the cursor belongs to another database", oldest)
+        if cursor < oldest:
+            raise self._expired("events after the cursor are no longer retained", oldest)
+        if cursor > await self._store.max_cursor():
+            raise self._expired("the cursor is ahead of this database (restored from a backup?)", oldest)
+        return cursor
+
+    def _expired(self, why: str, oldest: int) -> OutOfRange:
+        return OutOfRange(
+            f"{why}; re-read with ListSessions and watch from now",
+            reason="CURSOR_EXPIRED",
+            metadata={"oldest_cursor": convert.cursor_token(self._epoch, oldest)},
+        )
+
+
+def _with_position(error: DomainError, position: dict[str, str]) -> DomainError:
+    """A copy (the hub may share one error among watchers) that tells where to resume."""
+    located = copy.copy(error)
+    located.metadata = {**error.metadata, **position}
+    return located

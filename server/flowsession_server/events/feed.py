@@ -1,0 +1,80 @@
+"""The change feed: publishes every committed event to the hub exactly once, in cursor (commit) order,
+whichever process on the database file committed it.
+
+This process's own commits are published at once when they directly follow the last published cursor.
+Otherwise (another process committed in between) and on a short poll of the log's head, the feed reads
+the missing range from the store, so watchers on any process see every change within the poll interval.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable
+
+from ..domain.errors import DomainError
+from ..domain.model import SessionEvent
+from ..store.store import Store
+
+log = logging.getLogger(__name__)
+
+PAGE = 1000
+
+
+class Feed:
+    def __init__(self, store: Store, subscribers: list[Callable[[list[SessionEvent]], None]], *, poll_interval: float):
+        self._store = store
+        self._subscribers = subscribers
+        self._poll_interval = poll_interval
+        self.last_cursor = 0
+        self._catching_up = False
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.last_cursor = await self._store.max_cursor()
+        self._task = asyncio.create_task(self._run(), name="flowsession-feed")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    def on_commit(self, events: list[SessionEvent]) -> None:
+        """The writer's callback, on the event loop, in commit order."""
+        if not self._catching_up and events[0].cursor == self.last_cursor + 1:
+            self._publish(events)
+        else:
+            self._wake.set()
+
+    def _publish(self, events: list[SessionEvent]) -> None:
+        self.last_cursor = events[-1].cursor
+        for subscriber in self._subscribers:
+            subscriber(events)
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=self._poll_interval)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                if await self._store.max_cursor() > self.last_cursor:
+                    await self._catch_up()
+            except DomainError as exc:
+                log.warning("change feed could not read the log: %s", exc)
+
+    async def _catch_up(self) -> None:
+        self._catching_up = True
+        try:
+            while True:
+                events = await self._store.events_since(self.last_cursor, PAGE)
+                if events:
+                    self._publish(events)
+                if len(events) < PAGE:
+                    return
+        finally:
+            self._catching_up = False

@@ -1,0 +1,53 @@
+"""History retention: prunes events older than the retention period, in small write batches.
+
+Never an event of a RUNNING session, nor any session's latest event (see store.commands.prune_events).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+
+from .domain.errors import DomainError
+from .store.store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Retention:
+    def __init__(self, store: Store, retention: timedelta):
+        self._store = store
+        self._retention = retention
+        # Pruning often enough that history overshoots retention by at most a tenth (at most 10 min).
+        self._interval = min(retention.total_seconds() / 10, 600.0)
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="flowsession-retention")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def prune(self) -> int:
+        """Prunes everything due now; returns how many events were removed."""
+        total = 0
+        while True:
+            removed = await self._store.prune_events(self._retention)
+            total += removed
+            if removed == 0:
+                return total
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                removed = await self.prune()
+                if removed:
+                    log.info("retention removed %d events", removed)
+            except DomainError as exc:
+                log.warning("retention pass failed: %s", exc)
+            await asyncio.sleep(self._interval)  # a period, not synchronisation
