@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 from dataclasses import replace
+from datetime import timedelta
 
 from .api.app import build_server
 from .config import DEFAULT_ENVIRONMENTS, Settings
@@ -33,7 +34,36 @@ def _parser() -> argparse.ArgumentParser:
         default=env("FLOWSESSION_SYNCHRONOUS", Settings.synchronous),
         help="SQLite synchronous mode; FULL survives a power cut",
     )
-    serve.add_argument("--watch-queue", type=int, default=int(env("FLOWSESSION_WATCH_QUEUE", Settings.watch_queue)))
+    serve.add_argument(
+        "--watch-queue",
+        type=int,
+        default=int(env("FLOWSESSION_WATCH_QUEUE", Settings.watch_queue)),
+        help="events buffered per watch stream before a slow client is cut off with WATCHER_TOO_SLOW",
+    )
+    serve.add_argument(
+        "--watch-heartbeat",
+        type=float,
+        default=float(env("FLOWSESSION_WATCH_HEARTBEAT", Settings.watch_heartbeat)),
+        help="seconds of idleness after which a watch stream gets a heartbeat",
+    )
+    serve.add_argument(
+        "--max-watchers",
+        type=int,
+        default=int(env("FLOWSESSION_MAX_WATCHERS", Settings.max_watchers)),
+        help="open watch streams per process; more get RESOURCE_EXHAUSTED (TOO_MANY_WATCHERS)",
+    )
+    serve.add_argument(
+        "--event-retention",
+        type=float,
+        default=float(env("FLOWSESSION_EVENT_RETENTION", Settings.event_retention.total_seconds())),
+        help="seconds of event history kept (events of RUNNING sessions are always kept)",
+    )
+    serve.add_argument(
+        "--feed-poll",
+        type=float,
+        default=float(env("FLOWSESSION_FEED_POLL", Settings.feed_poll)),
+        help="seconds between looks for commits by other processes on the same database",
+    )
     serve.add_argument("--log-level", default=env("FLOWSESSION_LOG_LEVEL", "INFO"))
     return parser
 
@@ -42,10 +72,25 @@ def settings_from(args: argparse.Namespace) -> Settings:
     environments = frozenset(e.strip() for e in args.environments.split(",") if e.strip())
     if not environments:
         raise SystemExit("--environments needs at least one name")
-    if args.watch_queue < 1:
-        raise SystemExit("--watch-queue must be at least 1")
+    for flag, value, low in (
+        ("--watch-queue", args.watch_queue, 1),
+        ("--max-watchers", args.max_watchers, 1),
+        ("--watch-heartbeat", args.watch_heartbeat, 0.01),
+        ("--event-retention", args.event_retention, 1),
+        ("--feed-poll", args.feed_poll, 0.001),
+    ):
+        if value < low:
+            raise SystemExit(f"{flag} must be at least {low}")
     return replace(
-        Settings(), db_path=args.db, environments=environments, synchronous=args.synchronous, watch_queue=args.watch_queue
+        Settings(),
+        db_path=args.db,
+        environments=environments,
+        synchronous=args.synchronous,
+        watch_queue=args.watch_queue,
+        watch_heartbeat=args.watch_heartbeat,
+        max_watchers=args.max_watchers,
+        event_retention=timedelta(seconds=args.event_retention),
+        feed_poll=args.feed_poll,
     )
 
 

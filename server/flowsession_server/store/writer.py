@@ -169,8 +169,11 @@ def _resolve(
     results: list[tuple[_Job, Done[Any] | BaseException]],
     events: list[SessionEvent],
 ) -> None:
-    if events:
-        on_commit(events)
+    try:
+        if events:
+            on_commit(events)
+    except Exception:  # a failing subscriber must not leave callers waiting on committed writes
+        log.exception("on_commit failed for %d events", len(events))
     for job, done in results:
         if job.future.done():  # the caller went away; the write stands
             continue

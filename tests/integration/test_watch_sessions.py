@@ -1,0 +1,388 @@
+"""WatchSessions: every matching event in commit order, resumable by cursor with no gap and no duplicate."""
+from __future__ import annotations
+
+import queue
+import random
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+import grpc
+from google.protobuf import struct_pb2
+
+from flowsession.client import FlowsessionError, connect
+from flowsession.v1 import session_pb2, session_service_pb2 as spb
+from flowsession_server.clock import FakeClock, SystemClock
+
+from ..support import (
+    TIMEOUT,
+    ServerProcess,
+    ServerThread,
+    expect_error,
+    new_session,
+    published_flow,
+    report,
+    settings_for,
+)
+
+ST = session_pb2
+
+
+class Collector:
+    """Reads one WatchSessions stream on a thread; the test takes what arrived with deadlines."""
+
+    def __init__(self, client, **request):
+        self.stream = client.sessions.WatchSessions(spb.WatchSessionsRequest(environment="live", **request), timeout=60)
+        self.items: queue.Queue = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for response in self.stream:
+                self.items.put(response)
+        except grpc.RpcError as err:
+            self.items.put(err)
+
+    def take(self, n: int) -> list:
+        out = []
+        for _ in range(n):
+            item = self.items.get(timeout=TIMEOUT)
+            if isinstance(item, Exception):
+                raise item
+            out.append(item)
+        return out
+
+    def events(self, n: int) -> list:
+        return [r.event for r in self.take(n)]
+
+    def close(self) -> None:
+        self.stream.cancel()
+
+
+def test_from_now_streams_matching_events_in_commit_order(client):
+    flow_a = published_flow(client)
+    flow_b = published_flow(client)
+    before = new_session(client, flow_a).session.session_id  # created before the watch: not replayed
+    everything = Collector(client)
+    only_b = Collector(client, flow_id=flow_b)
+    completed = Collector(client, statuses=[ST.SESSION_STATUS_COMPLETED])
+    try:
+        # Once a first event arrives the watches are surely live; then the real sequence follows.
+        report(client, before, "document", "ok")
+        assert everything.events(1)[0].session.session_id == before
+        a = new_session(client, flow_a).session.session_id
+        b = new_session(client, flow_b).session.session_id
+        report(client, a, "document", "bad")  # completes a, REJECTED
+        report(client, b, "document", "ok")
+        got = everything.events(4)
+        assert [(e.session.session_id, e.version) for e in got] == [(a, 1), (b, 1), (a, 2), (b, 2)]
+        assert [e.cursor for e in got] == sorted(e.cursor for e in got)
+        assert [(e.session.session_id, e.version) for e in only_b.events(2)] == [(b, 1), (b, 2)]
+        done = completed.events(1)[0]
+        assert (done.session.session_id, done.session.outcome) == (a, 2)
+        staging = new_session(client, published_flow(client, environment="staging"), environment="staging")
+        assert staging.session.environment == "staging"
+        report(client, b, "liveness", "ok")
+        nxt = everything.events(1)[0]  # the staging session never shows up in a live watch
+        assert (nxt.session.session_id, nxt.version) == (b, 3)
+    finally:
+        everything.close()
+        only_b.close()
+        completed.close()
+
+
+def test_include_current_sends_each_running_session_first(client):
+    flow_id = published_flow(client)
+    running = [new_session(client, flow_id).session.session_id for _ in range(3)]
+    report(client, running[0], "document", "ok")
+    ended = new_session(client, flow_id).session.session_id
+    report(client, ended, "document", "bad")
+    watch = Collector(client, include_current=True)
+    try:
+        current = watch.events(3)
+        assert sorted((e.session.session_id, e.version) for e in current) == sorted(
+            [(running[0], 2), (running[1], 1), (running[2], 1)]
+        )
+        report(client, running[1], "document", "ok")
+        live = watch.events(1)[0]
+        assert (live.session.session_id, live.version) == (running[1], 2)
+    finally:
+        watch.close()
+
+
+def test_resume_after_a_cursor_has_no_gap_and_no_duplicate(client):
+    flow_id = published_flow(client)
+    watch = Collector(client)
+    sid = new_session(client, flow_id).session.session_id
+    first = watch.events(1)[0]
+    watch.close()
+    report(client, sid, "document", "ok")
+    report(client, sid, "liveness", "retry")
+    resumed = Collector(client, after_cursor=first.cursor)
+    try:
+        assert [e.version for e in resumed.events(2)] == [2, 3]
+        report(client, sid, "liveness", "ok")
+        assert [e.version for e in resumed.events(1)] == [4]
+    finally:
+        resumed.close()
+
+
+def test_cursor_errors(client):
+    watch = lambda request, timeout: next(iter(client.sessions.WatchSessions(request, timeout=timeout)))  # noqa: E731
+    flow_id = published_flow(client)
+    new_session(client, flow_id)
+    expect_error(watch, spb.WatchSessionsRequest(environment="live", after_cursor="nonsense"), grpc.StatusCode.INVALID_ARGUMENT, fields=("after_cursor",))
+    err = expect_error(
+        watch, spb.WatchSessionsRequest(environment="live", after_cursor="0123456789abcdef-0000000000000001"),
+        grpc.StatusCode.OUT_OF_RANGE, "CURSOR_EXPIRED",
+    )
+    assert err.metadata["oldest_cursor"]
+    expect_error(watch, spb.WatchSessionsRequest(environment="nowhere"), grpc.StatusCode.INVALID_ARGUMENT, fields=("environment",))
+    expect_error(watch, spb.WatchSessionsRequest(environment="live", statuses=[42]), grpc.StatusCode.INVALID_ARGUMENT, fields=("statuses",))
+
+
+def test_every_event_arrives_once_per_watcher_under_concurrent_writers_and_random_resumes(client):
+    flow_id = published_flow(client)
+    rng = random.Random(7)
+    start = Collector(client)
+    seed = new_session(client, flow_id).session.session_id
+    origin = start.events(1)[0]
+    start.close()
+    stop = threading.Event()
+
+    def writer() -> None:
+        while not stop.is_set():
+            sid = new_session(client, flow_id).session.session_id
+            report(client, sid, "document", "ok")
+            for _ in range(rng.randrange(3)):
+                report(client, sid, "liveness", "retry")
+            report(client, sid, "liveness", rng.choice(["ok", "bad"]))
+
+    def watcher(seed_value: int) -> list:
+        local = random.Random(seed_value)
+        seen, cursor = [], origin.cursor
+        while len(seen) < 120:
+            stream = client.sessions.WatchSessions(
+                spb.WatchSessionsRequest(environment="live", after_cursor=cursor), timeout=TIMEOUT
+            )
+            for response in stream:
+                seen.append(response.event)
+                cursor = response.event.cursor
+                if local.random() < 0.05 or len(seen) >= 120:
+                    stream.cancel()  # a disconnect at a random point; resume from the last cursor
+                    break
+        return seen
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        writers = [pool.submit(writer) for _ in range(2)]
+        watchers = [pool.submit(watcher, i) for i in range(4)]
+        results = [w.result(timeout=60) for w in watchers]
+        stop.set()
+        for w in writers:
+            w.result(timeout=TIMEOUT)
+    reference = results[0]
+    for seen in results:
+        keys = [(e.session.session_id, e.version) for e in seen]
+        assert len(keys) == len(set(keys)), "duplicate event"
+        cursors = [e.cursor for e in seen]
+        assert cursors == sorted(cursors), "out of commit order"
+        # Same log for everyone: each watcher's events are a prefix of the full ordered log.
+        n = min(len(seen), len(reference))
+        assert keys[:n] == [(e.session.session_id, e.version) for e in reference[:n]]
+        # Per session, versions arrive gapless.
+        per_session: dict[str, list[int]] = {}
+        for sid, version in keys:
+            per_session.setdefault(sid, []).append(version)
+        for sid, versions in per_session.items():
+            assert versions == list(range(versions[0], versions[0] + len(versions))), (sid, versions)
+    assert seed  # the seed session's event is the origin every watcher resumed after
+
+
+def test_heartbeats_on_idle_streams(tmp_path):
+    server = ServerThread(settings_for(tmp_path, watch_heartbeat=0.2))
+    try:
+        with connect(server.address) as client:
+            flow_id = published_flow(client)
+            sid = new_session(client, flow_id).session.session_id
+            many = Collector(client)
+            report(client, sid, "document", "ok")
+            event = many.events(1)[0]
+            beat = many.take(1)[0]
+            assert not beat.HasField("event") and beat.heartbeat.cursor == event.cursor
+            many.close()
+            one = client.sessions.WatchSession(spb.WatchSessionRequest(environment="live", session_id=sid), timeout=TIMEOUT)
+            assert next(one).event.version == 2
+            beat = next(one)
+            assert not beat.HasField("event") and beat.heartbeat.version == 2
+            one.cancel()
+    finally:
+        server.stop()
+
+
+def test_a_watcher_that_stops_reading_is_cut_off_and_holds_no_memory(tmp_path):
+    server = ServerThread(settings_for(tmp_path, watch_queue=20))
+    try:
+        with connect(server.address) as client:
+            flow_id = published_flow(client)
+            sid = new_session(client, flow_id).session.session_id
+            report(client, sid, "document", "ok")
+            # Large events fill the transport's buffers quickly, so the server-side queue overflows.
+            payload = struct_pb2.Struct()
+            payload.update({"blob": "x" * 60_000})
+            stalled = client.sessions.WatchSessions(spb.WatchSessionsRequest(environment="live"), timeout=60)
+            healthy = Collector(client)
+            first = new_session(client, flow_id, input=payload).session.session_id
+            assert next(stalled).event.session.session_id == first  # live; now it stops reading
+            assert healthy.events(1)[0].session.session_id == first
+            writes = 0
+            cut = None
+            while cut is None and writes < 400:
+                new_session(client, flow_id, input=payload)
+                writes += 1
+                # The healthy watcher keeps up the whole time: the stalled one slows nobody.
+                assert healthy.events(1)[0].version == 1
+                if server.call(_watcher_count(server)) == 1:
+                    cut = writes
+            assert cut is not None, "the stalled watcher was never cut off"
+            received = 1
+            try:
+                for _ in stalled:
+                    received += 1
+                raise AssertionError("the stalled stream should end with an error")
+            except grpc.RpcError as err:
+                error = FlowsessionError.from_rpc_error(err)
+            assert error.code is grpc.StatusCode.RESOURCE_EXHAUSTED and error.reason == "WATCHER_TOO_SLOW"
+            assert error.metadata["last_cursor"]
+            # It may resume from the last cursor the server says it delivered, and misses nothing.
+            resumed = Collector(client, after_cursor=error.metadata["last_cursor"])
+            assert len(resumed.events(writes + 1 - received)) == writes + 1 - received
+            resumed.close()
+            healthy.close()
+    finally:
+        server.stop()
+
+
+async def _watcher_count(server):
+    return server.server.hub.watcher_count
+
+
+def test_too_many_watchers_is_refused_with_retry_info(tmp_path):
+    server = ServerThread(settings_for(tmp_path, max_watchers=2))
+    try:
+        with connect(server.address) as client:
+            flow_id = published_flow(client)
+            sid = new_session(client, flow_id).session.session_id
+            open_streams = [
+                client.sessions.WatchSession(spb.WatchSessionRequest(environment="live", session_id=sid), timeout=TIMEOUT)
+                for _ in range(2)
+            ]
+            for s in open_streams:
+                next(s)
+            err = expect_error(
+                lambda request, timeout: next(client.sessions.WatchSessions(request, timeout=timeout)),
+                spb.WatchSessionsRequest(environment="live"),
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "TOO_MANY_WATCHERS",
+            )
+            assert err.retry_delay and err.retry_delay > 0
+            for s in open_streams:
+                s.cancel()
+    finally:
+        server.stop()
+
+
+def test_retention_prunes_old_history_and_old_cursors_expire(tmp_path):
+    clock = FakeClock(SystemClock().now())
+    server = ServerThread(settings_for(tmp_path, event_retention=timedelta(days=7)), clock=clock)
+    try:
+        with connect(server.address) as client:
+            flow_id = published_flow(client, timeout_s=30 * 86400)
+            watch = Collector(client)
+            done = new_session(client, flow_id).session.session_id
+            epoch = watch.events(1)[0].cursor.rsplit("-", 1)[0]
+            watch.close()
+            report(client, done, "document", "bad")  # terminal
+            running = new_session(client, flow_id).session.session_id
+            report(client, running, "document", "ok")
+            clock.advance(timedelta(days=8))
+            removed = server.call(server.server.retention.prune())
+            assert removed == 1  # only the ended session's older event; RUNNING history and latest events stay
+            from_start = f"{epoch}-{0:016x}"  # the position before the first event
+            err = expect_error(
+                lambda request, timeout: next(client.sessions.WatchSessions(request, timeout=timeout)),
+                spb.WatchSessionsRequest(environment="live", after_cursor=from_start),
+                grpc.StatusCode.OUT_OF_RANGE,
+                "CURSOR_EXPIRED",
+            )
+            # The running session's full history is still there to replay.
+            history = client.sessions.WatchSession(
+                spb.WatchSessionRequest(environment="live", session_id=running, after_version=1), timeout=TIMEOUT
+            )
+            assert next(history).event.version == 2
+            history.cancel()
+            # A session's latest event is kept too, so watching an ended session still works.
+            assert [e.version for e in [r.event for r in client.sessions.WatchSession(
+                spb.WatchSessionRequest(environment="live", session_id=done), timeout=TIMEOUT)]] == [2]
+            resumed = Collector(client, after_cursor=err.metadata["oldest_cursor"])
+            got = resumed.events(3)
+            assert [(e.session.session_id, e.version) for e in got] == [(done, 2), (running, 1), (running, 2)]
+            resumed.close()
+    finally:
+        server.stop()
+
+
+def test_two_processes_on_one_file_see_each_others_changes_and_expire_once(tmp_path):
+    db = tmp_path / "shared.db"
+    a = ServerProcess(db)
+    b = ServerProcess(db)
+    try:
+        with connect(a.address) as ca, connect(b.address) as cb:
+            flow_id = published_flow(ca, timeout_s=1)
+            on_a = Collector(ca)
+            on_b = Collector(cb)
+            s1 = new_session(ca, flow_id).session.session_id
+            s2 = new_session(cb, flow_id).session.session_id
+            report(cb, s1, "document", "ok")
+            report(ca, s2, "document", "ok")
+            # Both sessions expire after 1 s; exactly one EXPIRED event each, whichever process does it.
+            want = 6
+            got_a = on_a.events(want)
+            got_b = on_b.events(want)
+            keys = lambda events: [(e.session.session_id, e.version, e.type) for e in events]  # noqa: E731
+            assert keys(got_a) == keys(got_b)
+            assert [e.cursor for e in got_a] == sorted(e.cursor for e in got_a)
+            expired = [k for k in keys(got_a) if k[2] == ST.SESSION_EVENT_TYPE_EXPIRED]
+            assert sorted(k[0] for k in expired) == sorted([s1, s2])
+            on_a.close()
+            on_b.close()
+    finally:
+        for p in (a, b):
+            p.terminate()
+            p.close()
+
+
+def test_watch_sessions_resumes_across_a_restart(tmp_path):
+    db = tmp_path / "flowsession.db"
+    first = ServerProcess(db)
+    try:
+        with connect(first.address) as client:
+            flow_id = published_flow(client)
+            watch = Collector(client)
+            sid = new_session(client, flow_id).session.session_id
+            cursor = watch.events(1)[0].cursor
+            report(client, sid, "document", "ok")
+            watch.events(1)
+            watch.close()
+    finally:
+        first.terminate()
+        first.close()
+    second = ServerProcess(db)
+    try:
+        with connect(second.address) as client:
+            report(client, sid, "liveness", "ok")
+            resumed = Collector(client, after_cursor=cursor)
+            assert [e.version for e in resumed.events(2)] == [2, 3]
+            resumed.close()
+    finally:
+        second.terminate()
+        second.close()

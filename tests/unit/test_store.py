@@ -1,0 +1,774 @@
+"""The SQLite store (store/store.py) with a FakeClock, on a tmp_path database per test.
+
+Each test body is a coroutine run with asyncio.run(); every store is closed in a ``finally``.
+Where a test needs several commands in one group-commit batch it holds SQLite's write lock from a
+separate connection while the commands are queued (``gathered_in_one_go``), so batching does not
+depend on thread timing.
+"""
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlite_utils
+from flowsession_server.clock import FakeClock
+from flowsession_server.domain import lifecycle
+from flowsession_server.domain.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    NotFound,
+    Unavailable,
+    VersionMismatch,
+)
+from flowsession_server.domain.model import (
+    EventType,
+    Flow,
+    FlowGraph,
+    FlowVersionState,
+    Session,
+    SessionEvent,
+    SessionOutcome,
+    SessionStatus,
+    Step,
+)
+from flowsession_server.store import schema
+from flowsession_server.store.commands import IdempotencyKey, NewSession, Verb
+from flowsession_server.store.store import Store
+
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+TIMEOUT = timedelta(hours=1)
+US = timedelta(microseconds=1)
+ENV = "live"
+DEADLINE_S = 10.0  # a broken writer fails the test in this long instead of hanging it
+
+# "check" may be retried any number of times (a self-loop), so one session can take many changes.
+GRAPH = FlowGraph(
+    "check",
+    (
+        Step("check", "document_check", {"retry": "check", "ok": "accepted", "bad": "rejected"}),
+        Step("accepted", "end", outcome=SessionOutcome.ACCEPTED),
+        Step("rejected", "end", outcome=SessionOutcome.REJECTED),
+    ),
+)
+
+
+class Recorder:
+    """on_commit / on_health callbacks: what they got, and on which thread."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[SessionEvent]] = []
+        self.health: list[bool] = []
+        self.threads: set[int] = set()
+
+    def on_commit(self, events: list[SessionEvent]) -> None:
+        self.threads.add(threading.get_ident())
+        self.calls.append(list(events))
+
+    def on_health(self, healthy: bool) -> None:
+        self.health.append(healthy)
+
+    @property
+    def events(self) -> list[SessionEvent]:
+        return [e for call in self.calls for e in call]
+
+
+def db(tmp_path: Path) -> str:
+    return str(tmp_path / "flowsession.db")
+
+
+async def with_store(
+    path: str, clock: FakeClock, body: Callable[[Store, Recorder], Awaitable[Any]], recorder: Recorder | None = None
+) -> Any:
+    recorder = recorder or Recorder()
+    store = Store(path, clock)
+    try:
+        await store.open(recorder.on_commit, recorder.on_health)
+        return await asyncio.wait_for(body(store, recorder), DEADLINE_S)
+    finally:
+        await store.close()
+
+
+def run(tmp_path: Path, body: Callable[[Store, Recorder], Awaitable[Any]], clock: FakeClock | None = None) -> Any:
+    return asyncio.run(with_store(db(tmp_path), clock or FakeClock(T0), body))
+
+
+async def published_flow(store: Store, timeout: timedelta = TIMEOUT, environment: str = ENV) -> Flow:
+    flow = await store.create_flow("kyc", "identity check")
+    await store.create_flow_version(flow.flow_id, GRAPH, timeout)
+    _, flow = await store.publish_flow_version(flow.flow_id, 1, environment)
+    return flow
+
+
+def new_session(flow_id: str, session_id: str, environment: str = ENV) -> NewSession:
+    return NewSession(
+        session_id=session_id,
+        flow_id=flow_id,
+        environment=environment,
+        input={"country": "FR", "n": 1},
+        metadata={"customer": session_id},
+        redirect_url="https://example.com/done",
+        state="st",
+    )
+
+
+async def create(store: Store, flow_id: str, session_id: str, key: IdempotencyKey | None = None) -> Session:
+    session, replayed = await store.create_session(new_session(flow_id, session_id), key)
+    assert not replayed
+    return session
+
+
+def report(step_id: str, verdict: str, expected_version: int = 0) -> Verb:
+    return lambda s, fv, now: lifecycle.report_step(
+        s, fv, step_id=step_id, verdict=verdict, now=now, expected_version=expected_version
+    )
+
+
+def abort(reason: str = "user left") -> Verb:
+    return lambda s, _fv, now: lifecycle.abort(s, reason=reason, now=now)
+
+
+async def gathered_in_one_go(path: str, *calls: Awaitable[Any]) -> list[Any]:
+    """Runs ``calls`` concurrently while another connection holds the write lock, so every command
+    is queued before the writer can commit any: they land in at most two batches (the writer may
+    already hold the first one while it waits for the lock). Results and exceptions, in call order."""
+    gate = sqlite3.connect(path, isolation_level=None)
+    try:
+        gate.execute("BEGIN IMMEDIATE")
+        gathered = asyncio.gather(*calls, return_exceptions=True)
+        # One turn of the loop: every call has run up to awaiting its future, i.e. has queued its command.
+        await asyncio.sleep(0)
+        gate.execute("ROLLBACK")
+    finally:
+        gate.close()
+    return await gathered
+
+
+def batches_since(recorder: Recorder, start: int) -> list[list[SessionEvent]]:
+    return recorder.calls[start:]
+
+
+# Schema and migrations
+
+
+def tables(path: str) -> dict[str, Any]:
+    conn = sqlite3.connect(path)
+    try:
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        migrations = conn.execute("SELECT migration_set, name FROM _sqlite_migrations ORDER BY id").fetchall()
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        journal = conn.execute("PRAGMA journal_mode").fetchone()[0]
+    finally:
+        conn.close()
+    return {"names": names, "migrations": migrations, "meta": meta, "journal": journal}
+
+
+def pending_migrations(path: str) -> list[Any]:
+    conn = sqlite3.connect(path)
+    try:
+        return schema.migrations.pending(sqlite_utils.Database(conn))
+    finally:
+        conn.close()
+
+
+def test_migrations_create_schema_once_and_reopen_cleanly(tmp_path: Path) -> None:
+    path = db(tmp_path)
+
+    async def keys(store: Store, _rec: Recorder) -> Any:
+        assert store.writable
+        return store.keys
+
+    first = asyncio.run(with_store(path, FakeClock(T0), keys))
+    after_first = tables(path)
+    assert {"meta", "flows", "flow_versions", "publications", "sessions", "events", "request_ids"} <= after_first["names"]
+    applied = after_first["migrations"]
+    assert ("flowsession", "m001_initial") in applied
+    assert len(applied) == len(set(applied))  # each migration recorded once
+    assert not pending_migrations(path)
+    assert {"epoch", "token_key", "page_key"} <= set(after_first["meta"])
+    assert after_first["journal"] == "wal"
+    assert len(first.epoch) == 16
+    assert len(first.token_key) == 32 and len(first.page_key) == 32
+    assert first.token_key != first.page_key
+
+    for _ in range(2):
+        again = asyncio.run(with_store(path, FakeClock(T0), keys))
+        assert again == first  # epoch and keys persist
+        assert tables(path) == after_first  # nothing re-applied, nothing added
+
+    other = asyncio.run(with_store(str(tmp_path / "other.db"), FakeClock(T0), keys))
+    assert other.epoch != first.epoch and other.token_key != first.token_key
+
+
+# Flows, versions, sessions
+
+
+def test_flow_version_publish_session_round_trip(tmp_path: Path) -> None:
+    clock = FakeClock(T0)
+
+    async def body(store: Store, rec: Recorder) -> None:
+        flow = await store.create_flow("kyc", "identity check")
+        assert flow.flow_id.startswith("flw_")
+        assert (flow.name, flow.description, flow.latest_version, dict(flow.published_versions)) == (
+            "kyc", "identity check", 0, {},
+        )
+        assert flow.create_time == flow.update_time == T0
+        assert await store.get_flow(flow.flow_id) == flow
+
+        clock.advance(timedelta(minutes=1))
+        v1 = await store.create_flow_version(flow.flow_id, GRAPH, TIMEOUT)
+        assert (v1.version, v1.state, v1.execution_timeout, v1.publish_time) == (1, FlowVersionState.DRAFT, TIMEOUT, None)
+        assert v1.create_time == T0 + timedelta(minutes=1)
+        assert await store.get_flow_version(flow.flow_id, 1) == v1
+        v2 = await store.create_flow_version(flow.flow_id, GRAPH, timedelta(minutes=5))
+        assert v2.version == 2
+        assert (await store.get_flow(flow.flow_id)).latest_version == 2
+
+        with pytest.raises(FailedPrecondition) as info:
+            await store.create_session(new_session(flow.flow_id, "ses_early"), None)
+        assert info.value.reason == "FLOW_NOT_PUBLISHED"
+
+        clock.advance(timedelta(minutes=1))
+        published_at = clock.now()
+        version, flow_after = await store.publish_flow_version(flow.flow_id, 1, ENV)
+        assert version.state is FlowVersionState.PUBLISHED
+        assert version.publish_time == published_at
+        assert version.environments == (ENV,)
+        assert version.graph == GRAPH
+        assert dict(flow_after.published_versions) == {ENV: 1}
+        assert await store.get_flow(flow.flow_id) == flow_after
+        assert await store.get_flow_version(flow.flow_id, 1) == version
+        assert [v.version for v in await store.list_flow_versions(flow.flow_id, 0, 10)] == [1, 2]
+
+        clock.advance(timedelta(minutes=1))
+        created_at = clock.now()
+        session, replayed = await store.create_session(new_session(flow.flow_id, "ses_1"), None)
+        assert not replayed
+        assert session.status is SessionStatus.RUNNING
+        assert (session.flow_id, session.flow_version, session.environment) == (flow.flow_id, 1, ENV)
+        assert session.current_step_id == "check" and session.version == 1
+        assert session.create_time == created_at
+        assert session.expire_time == created_at + TIMEOUT  # the published version's timeout, not v2's
+        assert session.input == {"country": "FR", "n": 1}
+        assert session.metadata == {"customer": "ses_1"}
+        assert await store.get_session(ENV, "ses_1") == session
+
+        [created] = await store.events_after("ses_1", 0)
+        assert (created.type, created.version, created.session) == (EventType.CREATED, 1, session)
+        assert created.cursor > 0
+        assert rec.events == [created]
+
+        with pytest.raises(NotFound) as info:
+            await store.get_session("test", "ses_1")  # another environment's session
+        assert info.value.reason == "SESSION_NOT_FOUND"
+        with pytest.raises(NotFound) as info:
+            await store.get_session(ENV, "ses_nope")
+        assert info.value.reason == "SESSION_NOT_FOUND"
+        with pytest.raises(NotFound) as info:
+            await store.get_flow("flw_nope")
+        assert info.value.reason == "FLOW_NOT_FOUND"
+        with pytest.raises(NotFound) as info:
+            await store.get_flow_version(flow.flow_id, 9)
+        assert info.value.reason == "FLOW_VERSION_NOT_FOUND"
+
+    run(tmp_path, body, clock)
+
+
+# Group commit
+
+
+def test_concurrent_changes_and_creates_all_commit_with_gapless_versions(tmp_path: Path) -> None:
+    n_sessions, changes_each, n_creates = 20, 10, 50
+
+    async def body(store: Store, rec: Recorder) -> None:
+        flow = await published_flow(store)
+        ids = [f"ses_{i:02d}" for i in range(n_sessions)]
+        await asyncio.gather(*(create(store, flow.flow_id, sid) for sid in ids))
+        start = len(rec.calls)
+
+        # Interleave: s0, s1, ..., s19, s0, s1, ... so each batch touches every session many times.
+        order = [ids[i % n_sessions] for i in range(n_sessions * changes_each)]
+        calls = [store.change_session(ENV, sid, report("check", "retry")) for sid in order]
+        calls += [store.create_session(new_session(flow.flow_id, f"ses_new_{i:02d}"), None) for i in range(n_creates)]
+        results = await gathered_in_one_go(db(tmp_path), *calls)
+
+        errors = [r for r in results if isinstance(r, BaseException)]
+        assert errors == []
+        changed, created = results[: len(order)], results[len(order):]
+        # Each session's changes took versions 2..11, in the order they were submitted.
+        by_session: dict[str, list[int]] = {}
+        for sid, session in zip(order, changed):
+            assert session.session_id == sid and session.status is SessionStatus.RUNNING
+            by_session.setdefault(sid, []).append(session.version)
+        assert by_session == {sid: list(range(2, changes_each + 2)) for sid in ids}
+        assert all(not replayed and s.version == 1 for s, replayed in created)
+
+        # Group commit: 250 commands, at most two commits.
+        batches = batches_since(rec, start)
+        assert 1 <= len(batches) <= 2
+        assert sum(len(b) for b in batches) == len(calls)
+
+        # The log agrees: gapless versions, one event per change.
+        for sid in ids:
+            log = await store.events_after(sid, 0)
+            assert [e.version for e in log] == list(range(1, changes_each + 2))
+            assert [e.type for e in log] == [EventType.CREATED] + [EventType.STEP_COMPLETED] * changes_each
+            assert (await store.get_session(ENV, sid)).version == changes_each + 1
+        for session, _ in created:
+            assert [e.version for e in await store.events_after(session.session_id, 0)] == [1]
+
+    run(tmp_path, body)
+
+
+def test_failing_command_does_not_roll_back_its_batch(tmp_path: Path) -> None:
+    async def body(store: Store, rec: Recorder) -> None:
+        flow = await published_flow(store)
+        for sid in ("ses_a", "ses_b", "ses_c", "ses_first"):
+            await create(store, flow.flow_id, sid)
+        await store.change_session(ENV, "ses_b", abort())  # ses_b is terminal from now on
+        start = len(rec.calls)
+
+        results = await gathered_in_one_go(
+            db(tmp_path),
+            store.change_session(ENV, "ses_first", report("check", "retry")),
+            store.change_session(ENV, "ses_a", report("check", "retry")),
+            store.change_session(ENV, "ses_b", report("check", "retry")),  # refused: terminal
+            store.change_session(ENV, "ses_c", report("check", "nonsense")),  # refused: unknown verdict
+            store.change_session(ENV, "ses_c", report("check", "ok")),
+            store.create_session(new_session(flow.flow_id, "ses_d"), None),
+            store.change_session(ENV, "ses_nope", abort()),  # refused: not found
+            store.create_session(new_session(flow.flow_id, "ses_a"), None),  # refused: duplicate id
+            store.change_session(ENV, "ses_a", report("check", "retry", expected_version=7)),  # refused: etag
+            store.change_session(ENV, "ses_a", report("check", "retry")),
+        )
+        first, a, b, c_bad, c, d, nope, dup, etag, a2 = results
+        assert isinstance(b, FailedPrecondition) and b.reason == "SESSION_TERMINAL"
+        assert getattr(c_bad, "reason", None) == "UNKNOWN_VERDICT"
+        assert isinstance(nope, NotFound)
+        assert isinstance(dup, Exception)  # the session_id is taken
+        assert isinstance(etag, VersionMismatch)
+        assert (first.version, a.version, a2.version) == (2, 2, 3)
+        assert c.status is SessionStatus.COMPLETED and c.version == 2
+        assert d[0].version == 1
+
+        # Everything that succeeded is committed, the refusals left nothing behind.
+        batches = batches_since(rec, start)
+        assert 1 <= len(batches) <= 2
+        committed = [(e.session_id, e.version, e.type) for b_ in batches for e in b_]
+        cursors = [e.cursor for b_ in batches for e in b_]
+        assert cursors == list(range(cursors[0], cursors[0] + 5))  # refusals leave no hole in the log
+        assert cursors[0] == max(e.cursor for e in rec.events[:-5]) + 1
+        assert committed == [
+            ("ses_first", 2, EventType.STEP_COMPLETED),
+            ("ses_a", 2, EventType.STEP_COMPLETED),
+            ("ses_c", 2, EventType.COMPLETED),
+            ("ses_d", 1, EventType.CREATED),
+            ("ses_a", 3, EventType.STEP_COMPLETED),
+        ]
+        assert (await store.get_session(ENV, "ses_a")).version == 3
+        assert (await store.get_session(ENV, "ses_c")).status is SessionStatus.COMPLETED
+        assert (await store.get_session(ENV, "ses_d")).version == 1
+        b_now = await store.get_session(ENV, "ses_b")
+        assert (b_now.status, b_now.version) == (SessionStatus.ABORTED, 2)
+        assert [e.version for e in await store.events_after("ses_b", 0)] == [1, 2]
+        assert (await store.get_session(ENV, "ses_a")).metadata == {"customer": "ses_a"}  # not the duplicate's
+
+    run(tmp_path, body)
+
+
+# on_commit and the log
+
+
+def test_on_commit_gets_events_in_cursor_order_once_each(tmp_path: Path) -> None:
+    async def body(store: Store, rec: Recorder) -> None:
+        flow = await published_flow(store)
+        ids = [f"ses_{i}" for i in range(5)]
+        await asyncio.gather(*(create(store, flow.flow_id, sid) for sid in ids))
+        await asyncio.gather(*(store.change_session(ENV, sid, report("check", "retry")) for sid in ids * 4))
+        await asyncio.gather(*(store.change_session(ENV, sid, report("check", "ok")) for sid in ids))
+
+        # A commit is announced by the time its caller hears back.
+        s = await create(store, flow.flow_id, "ses_last")
+        assert rec.events[-1].session == s and rec.events[-1].type is EventType.CREATED
+
+        got = rec.events
+        assert rec.threads == {threading.get_ident()}  # called on the event loop's thread
+        cursors = [e.cursor for e in got]
+        # Increasing and, in one process, without holes (the change feed's fast path relies on it).
+        assert cursors == list(range(cursors[0], cursors[0] + len(cursors)))
+        assert Counter((e.session_id, e.version) for e in got) == Counter(
+            {(sid, v): 1 for sid in ids for v in range(1, 7)} | {("ses_last", 1): 1}
+        )
+        log = sorted(
+            [e for sid in [*ids, "ses_last"] for e in await store.events_after(sid, 0)], key=lambda e: e.cursor
+        )
+        assert [(e.cursor, e.session_id, e.version, e.type) for e in got] == [
+            (e.cursor, e.session_id, e.version, e.type) for e in log
+        ]
+        assert [e.session for e in got] == [e.session for e in log]
+        assert rec.health == []  # healthy all along: no health change reported
+
+    run(tmp_path, body)
+
+
+def test_events_after_returns_the_log(tmp_path: Path) -> None:
+    clock = FakeClock(T0)
+
+    async def body(store: Store, _rec: Recorder) -> None:
+        flow = await published_flow(store)
+        await create(store, flow.flow_id, "ses_1")
+        clock.advance(timedelta(seconds=10))
+        await store.change_session(ENV, "ses_1", report("check", "retry"))
+        clock.advance(timedelta(seconds=10))
+        done = await store.change_session(ENV, "ses_1", report("check", "bad"))
+
+        log = await store.events_after("ses_1", 0)
+        assert [(e.version, e.type) for e in log] == [
+            (1, EventType.CREATED), (2, EventType.STEP_COMPLETED), (3, EventType.COMPLETED),
+        ]
+        assert [e.event_time for e in log] == [T0, T0 + timedelta(seconds=10), T0 + timedelta(seconds=20)]
+        assert [e.session.version for e in log] == [1, 2, 3]
+        assert log[1].session.last_step is not None and log[1].session.last_step.verdict == "retry"
+        assert log[-1].session == done
+        assert done.outcome is SessionOutcome.REJECTED and done.end_time == T0 + timedelta(seconds=20)
+        assert log[0].cursor < log[1].cursor < log[2].cursor
+        assert all(e.session.input == {"country": "FR", "n": 1} for e in log)
+        assert await store.events_after("ses_1", 2) == log[2:]
+        assert await store.events_after("ses_1", 3) == []
+        assert await store.events_after("ses_nope", 0) == []
+
+    run(tmp_path, body, clock)
+
+
+# Expiry
+
+
+def test_get_session_expires_an_overdue_session(tmp_path: Path) -> None:
+    clock = FakeClock(T0)
+
+    async def body(store: Store, rec: Recorder) -> None:
+        flow = await published_flow(store)
+        created = await create(store, flow.flow_id, "ses_1")
+
+        clock.advance(TIMEOUT - US)
+        assert (await store.get_session(ENV, "ses_1")).status is SessionStatus.RUNNING
+        assert len(rec.events) == 1
+
+        clock.advance(US + timedelta(minutes=3))  # 3 minutes past the deadline
+        s = await store.get_session(ENV, "ses_1")
+        assert s.status is SessionStatus.EXPIRED
+        assert s.version == 2
+        assert s.end_time == created.expire_time  # the deadline, not when it was noticed
+        assert s.update_time == clock.now()
+        [expired] = await store.events_after("ses_1", 1)
+        assert (expired.type, expired.version, expired.session) == (EventType.EXPIRED, 2, s)
+        assert [(e.type, e.version) for e in rec.events] == [(EventType.CREATED, 1), (EventType.EXPIRED, 2)]
+
+        # Reading again changes nothing.
+        assert await store.get_session(ENV, "ses_1") == s
+        assert len(await store.events_after("ses_1", 0)) == 2
+        assert len(rec.events) == 2
+
+    run(tmp_path, body, clock)
+
+
+def test_change_on_overdue_session_expires_it_and_is_refused(tmp_path: Path) -> None:
+    clock = FakeClock(T0)
+
+    async def body(store: Store, rec: Recorder) -> None:
+        flow = await published_flow(store)
+        await create(store, flow.flow_id, "ses_1")
+        clock.advance(TIMEOUT)  # exactly at the deadline: already overdue
+
+        with pytest.raises(FailedPrecondition) as info:
+            await store.change_session(ENV, "ses_1", report("check", "ok"))
+        assert info.value.reason == "SESSION_TERMINAL"
+        assert info.value.metadata["status"] == "EXPIRED"
+
+        # The expiry stays committed (and was announced); the change did not land.
+        assert [(e.type, e.version) for e in await store.events_after("ses_1", 0)] == [
+            (EventType.CREATED, 1), (EventType.EXPIRED, 2),
+        ]
+        assert [(e.type, e.version) for e in rec.events] == [(EventType.CREATED, 1), (EventType.EXPIRED, 2)]
+        s = await store.get_session(ENV, "ses_1")
+        assert (s.status, s.version, s.last_step, s.outcome) == (SessionStatus.EXPIRED, 2, None, SessionOutcome.UNSPECIFIED)
+
+        with pytest.raises(FailedPrecondition) as info:
+            await store.change_session(ENV, "ses_1", abort())
+        assert info.value.reason == "SESSION_TERMINAL"
+        assert len(await store.events_after("ses_1", 0)) == 2  # no second expiry
+
+    run(tmp_path, body, clock)
+
+
+def test_racing_expiries_of_one_session_append_one_event(tmp_path: Path) -> None:
+    clock = FakeClock(T0)
+
+    async def body(store: Store, rec: Recorder) -> None:
+        flow = await published_flow(store)
+        await create(store, flow.flow_id, "ses_1")
+        clock.advance(TIMEOUT + timedelta(seconds=1))
+        results = await gathered_in_one_go(
+            db(tmp_path),
+            *(store.get_session(ENV, "ses_1") for _ in range(5)),
+            store.change_session(ENV, "ses_1", abort()),
+            store.expire_due(),
+        )
+        *reads_, refused, _expired_count = results
+        assert all(isinstance(r, Session) and r.status is SessionStatus.EXPIRED and r.version == 2 for r in reads_)
+        assert isinstance(refused, FailedPrecondition) and refused.reason == "SESSION_TERMINAL"
+        assert [(e.type, e.version) for e in await store.events_after("ses_1", 0)] == [
+            (EventType.CREATED, 1), (EventType.EXPIRED, 2),
+        ]
+        assert [e.type for e in rec.events].count(EventType.EXPIRED) == 1
+
+    run(tmp_path, body, clock)
+
+
+def test_list_sessions_never_shows_an_overdue_session_as_running(tmp_path: Path) -> None:
+    clock = FakeClock(T0)
+
+    async def body(store: Store, _rec: Recorder) -> None:
+        flow = await published_flow(store)
+        await create(store, flow.flow_id, "ses_old")
+        clock.advance(timedelta(minutes=30))
+        await create(store, flow.flow_id, "ses_new")
+        clock.advance(timedelta(minutes=30))  # ses_old is exactly due
+        running = await store.list_sessions(ENV, flow.flow_id, (SessionStatus.RUNNING,), None, 10)
+        assert [(s.session_id, s.status) for s in running] == [("ses_new", SessionStatus.RUNNING)]
+        listed = await store.list_sessions(ENV, "", (), None, 10)
+        assert [(s.session_id, s.status) for s in listed] == [
+            ("ses_new", SessionStatus.RUNNING), ("ses_old", SessionStatus.EXPIRED),
+        ]
+        assert [e.type for e in await store.events_after("ses_old", 0)] == [EventType.CREATED, EventType.EXPIRED]
+
+    run(tmp_path, body, clock)
+
+
+def test_expire_due_expires_only_due_sessions(tmp_path: Path) -> None:
+    clock = FakeClock(T0)
+
+    async def body(store: Store, rec: Recorder) -> None:
+        flow = await published_flow(store)
+        await create(store, flow.flow_id, "ses_early")  # due at T0 + 1h
+        await create(store, flow.flow_id, "ses_aborted")
+        await store.change_session(ENV, "ses_aborted", abort())
+        clock.advance(timedelta(minutes=30))
+        await create(store, flow.flow_id, "ses_late")  # due at T0 + 1h30
+        assert await store.next_expiry() == T0 + TIMEOUT
+
+        clock.advance(timedelta(minutes=30) - US)  # one microsecond before the first deadline
+        assert await store.expire_due() == 0
+
+        clock.advance(US)
+        start = len(rec.events)
+        assert await store.expire_due() == 1
+        assert [(e.session_id, e.type) for e in rec.events[start:]] == [("ses_early", EventType.EXPIRED)]
+        assert await store.expire_due() == 0  # already done
+        assert await store.next_expiry() == T0 + timedelta(minutes=90)
+
+        early = await store.get_session(ENV, "ses_early")
+        assert (early.status, early.end_time) == (SessionStatus.EXPIRED, T0 + TIMEOUT)
+        late = await store.get_session(ENV, "ses_late")
+        assert (late.status, late.version) == (SessionStatus.RUNNING, 1)
+        aborted = await store.get_session(ENV, "ses_aborted")
+        assert (aborted.status, aborted.version) == (SessionStatus.ABORTED, 2)
+
+        clock.advance(timedelta(days=1))
+        assert await store.expire_due() == 1
+        assert (await store.get_session(ENV, "ses_late")).status is SessionStatus.EXPIRED
+        assert (await store.get_session(ENV, "ses_aborted")).version == 2  # terminal sessions are left alone
+        assert await store.next_expiry() is None
+
+    run(tmp_path, body, clock)
+
+
+def test_expire_due_respects_limit_and_deadline_order(tmp_path: Path) -> None:
+    clock = FakeClock(T0)
+
+    async def body(store: Store, rec: Recorder) -> None:
+        flow = await published_flow(store)
+        for i in range(3):
+            await create(store, flow.flow_id, f"ses_{i}")
+            clock.advance(timedelta(minutes=1))
+        clock.advance(timedelta(days=1))
+        start = len(rec.events)
+        assert await store.expire_due(limit=2) == 2
+        assert [e.session_id for e in rec.events[start:]] == ["ses_0", "ses_1"]  # earliest deadlines first
+        assert await store.expire_due(limit=2) == 1
+        assert [e.session_id for e in rec.events[start:]] == ["ses_0", "ses_1", "ses_2"]
+
+    run(tmp_path, body, clock)
+
+
+# Idempotency
+
+
+def test_create_session_idempotency(tmp_path: Path) -> None:
+    async def body(store: Store, rec: Recorder) -> None:
+        flow = await published_flow(store)
+        key = IdempotencyKey(f"create:{ENV}", "req-1", "fingerprint-A")
+        first, replayed = await store.create_session(new_session(flow.flow_id, "ses_first"), key)
+        assert not replayed
+        events_before = len(rec.events)
+
+        # The retry carries a fresh server-generated id; it gets the first session back.
+        again, replayed = await store.create_session(new_session(flow.flow_id, "ses_retry"), key)
+        assert replayed
+        assert again == first
+        assert len(rec.events) == events_before  # nothing new committed
+        with pytest.raises(NotFound):
+            await store.get_session(ENV, "ses_retry")
+
+        # A replay answers as the first call did, even after the session moved on.
+        await store.change_session(ENV, "ses_first", abort())
+        later, replayed = await store.create_session(new_session(flow.flow_id, "ses_retry2"), key)
+        assert replayed and later == first and later.status is SessionStatus.RUNNING
+
+        with pytest.raises(AlreadyExists) as info:
+            await store.create_session(
+                new_session(flow.flow_id, "ses_other"), IdempotencyKey(f"create:{ENV}", "req-1", "fingerprint-B")
+            )
+        assert info.value.reason == "REQUEST_ID_REUSED"
+        assert info.value.metadata == {"request_id": "req-1", "session_id": "ses_first"}
+        with pytest.raises(NotFound):
+            await store.get_session(ENV, "ses_other")
+
+        # The same request_id in another scope is a different request.
+        other, replayed = await store.create_session(
+            new_session(flow.flow_id, "ses_scoped"), IdempotencyKey("create:elsewhere", "req-1", "fingerprint-B")
+        )
+        assert not replayed and other.session_id == "ses_scoped"
+
+    run(tmp_path, body)
+
+
+def test_concurrent_creates_with_one_request_id_make_one_session(tmp_path: Path) -> None:
+    async def body(store: Store, _rec: Recorder) -> None:
+        flow = await published_flow(store)
+        key = IdempotencyKey(f"create:{ENV}", "req-race", "fp")
+        results = await asyncio.gather(
+            *(store.create_session(new_session(flow.flow_id, f"ses_{i}"), key) for i in range(10))
+        )
+        assert [replayed for _, replayed in results].count(False) == 1
+        assert len({s.session_id for s, _ in results}) == 1
+        winner = results[0][0].session_id
+        for i in range(10):
+            if f"ses_{i}" != winner:
+                assert await store.events_after(f"ses_{i}", 0) == []
+
+    run(tmp_path, body)
+
+
+def test_change_session_idempotency(tmp_path: Path) -> None:
+    async def body(store: Store, _rec: Recorder) -> None:
+        flow = await published_flow(store)
+        await create(store, flow.flow_id, "ses_1")
+        key = IdempotencyKey("report:ses_1", "req-r", "fp-1")
+        first = await store.change_session(ENV, "ses_1", report("check", "retry"), key)
+        assert first.version == 2
+        again = await store.change_session(ENV, "ses_1", report("check", "retry"), key)
+        assert again == first
+        assert [e.version for e in await store.events_after("ses_1", 0)] == [1, 2]
+        with pytest.raises(AlreadyExists) as info:
+            await store.change_session(ENV, "ses_1", report("check", "ok"), IdempotencyKey("report:ses_1", "req-r", "fp-2"))
+        assert info.value.reason == "REQUEST_ID_REUSED"
+        assert (await store.get_session(ENV, "ses_1")).version == 2
+
+    run(tmp_path, body)
+
+
+# Durability and shutdown
+
+
+def test_data_survives_close_and_reopen(tmp_path: Path) -> None:
+    path = db(tmp_path)
+    clock = FakeClock(T0)
+
+    async def write(store: Store, _rec: Recorder) -> Any:
+        flow = await published_flow(store)
+        await create(store, flow.flow_id, "ses_1")
+        await create(store, flow.flow_id, "ses_2")
+        await store.change_session(ENV, "ses_1", report("check", "retry"))
+        await store.change_session(ENV, "ses_2", abort("changed my mind"))
+        return (
+            store.keys,
+            await store.get_flow(flow.flow_id),
+            await store.get_flow_version(flow.flow_id, 1),
+            [await store.get_session(ENV, sid) for sid in ("ses_1", "ses_2")],
+            [await store.events_after(sid, 0) for sid in ("ses_1", "ses_2")],
+        )
+
+    before = asyncio.run(with_store(path, clock, write))
+    keys, flow, version, sessions, logs = before
+
+    async def read(store: Store, rec: Recorder) -> None:
+        assert store.keys == keys
+        assert await store.get_flow(flow.flow_id) == flow
+        assert await store.get_flow_version(flow.flow_id, 1) == version
+        assert [await store.get_session(ENV, sid) for sid in ("ses_1", "ses_2")] == sessions
+        assert [await store.events_after(sid, 0) for sid in ("ses_1", "ses_2")] == logs
+        # Writes continue where they stopped: next version, a later cursor.
+        s = await store.change_session(ENV, "ses_1", report("check", "ok"))
+        assert s.version == 3 and s.status is SessionStatus.COMPLETED
+        assert rec.events[-1].cursor > max(e.cursor for log in logs for e in log)
+
+    asyncio.run(with_store(path, clock, read))
+
+
+def test_close_commits_accepted_writes_then_refuses_new_ones(tmp_path: Path) -> None:
+    path = db(tmp_path)
+    clock = FakeClock(T0)
+
+    async def body() -> None:
+        rec = Recorder()
+        store = Store(path, clock)
+        try:
+            await store.open(rec.on_commit, rec.on_health)
+            flow = await published_flow(store)
+            await create(store, flow.flow_id, "ses_1")
+            pending = asyncio.gather(*(store.change_session(ENV, "ses_1", report("check", "retry")) for _ in range(30)))
+            await asyncio.sleep(0)  # every change is queued
+        finally:
+            await store.close()
+        results = await asyncio.wait_for(pending, DEADLINE_S)
+        assert [s.version for s in results] == list(range(2, 32))
+        with pytest.raises(Unavailable) as info:
+            await store.change_session(ENV, "ses_1", report("check", "retry"))
+        assert info.value.reason == "SHUTTING_DOWN"
+
+    asyncio.run(body())
+
+    async def check(store: Store, _rec: Recorder) -> None:
+        assert (await store.get_session(ENV, "ses_1")).version == 31
+
+    asyncio.run(with_store(path, clock, check))
+
+
+def test_callers_hear_back_even_if_on_commit_raises(tmp_path: Path) -> None:
+    class FailingOnce(Recorder):
+        armed = False
+
+        def on_commit(self, events: list[SessionEvent]) -> None:
+            super().on_commit(events)
+            if self.armed:
+                self.armed = False
+                raise RuntimeError("a watcher callback failed")
+
+    recorder = FailingOnce()
+
+    async def body(store: Store, rec: Recorder) -> None:
+        flow = await published_flow(store)
+        recorder.armed = True
+        # Bounded: were the callers never told, this would hang.
+        session, _ = await asyncio.wait_for(store.create_session(new_session(flow.flow_id, "ses_1"), None), 1.0)
+        assert session.version == 1
+        assert (await store.get_session(ENV, "ses_1")).version == 1
+
+    asyncio.run(with_store(db(tmp_path), FakeClock(T0), body, recorder))
