@@ -61,7 +61,7 @@ def start(
         metadata=dict(metadata),
         redirect_url=redirect_url,
         state=state,
-        input=input,
+        input=dict(input),
     )
     return SessionEvent(session_id, 1, EventType.CREATED, now, session)
 
