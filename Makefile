@@ -10,6 +10,13 @@ GEN_DIR := clients/python
 
 .PHONY: venv run test proto proto-check lint bench clean
 
+# buf (lint + breaking checks of the contract) comes from the npm registry, so `make lint` needs npm;
+# `make run` and `make test` need only python3 and make.
+BUF_VERSION := 1.75.0
+BUF := .tools/node_modules/.bin/buf
+# Every change must stay compatible with the contract as first committed: flowsession.v1 never breaks.
+BUF_AGAINST ?= .git\#ref=$$(git rev-list --max-parents=0 HEAD | tail -n 1),subdir=protos
+
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml
@@ -31,8 +38,16 @@ proto-check: $(STAMP)
 test: $(STAMP) proto-check
 	$(PY) -m pytest -q tests
 
+$(BUF):
+	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION)
+
+lint: $(STAMP) $(BUF)
+	cd protos && ../$(BUF) lint
+	cd protos && ../$(BUF) breaking --against "../$(BUF_AGAINST)"
+	$(VENV)/bin/ruff check server clients/python/flowsession/client.py tests bench
+
 bench: $(STAMP)
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) .tools build *.egg-info
