@@ -16,6 +16,8 @@ from typing import Any, Callable
 import grpc
 import pytest
 from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 from flowsession.client import FlowsessionError
 from flowsession.v1 import flow_pb2, flow_service_pb2 as fpb, session_service_pb2 as spb
@@ -152,15 +154,37 @@ def rpc_error(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> FlowsessionE
 
 
 def expect_error(
-    fn: Callable[..., Any], request: Any, code: grpc.StatusCode, reason: str | None = None, fields: tuple[str, ...] = ()
+    fn: Callable[..., Any],
+    request: Any,
+    code: grpc.StatusCode,
+    reason: str | None = None,
+    fields: tuple[str, ...] = (),
+    prefix_fields: tuple[str, ...] = (),
 ) -> FlowsessionError:
-    err = rpc_error(fn, request)
-    assert err.code is code, err
+    """Calls fn(request) and expects ``code`` with exactly one ErrorInfo of domain "flowsession" and a
+    reason (``reason`` if given); every name in ``fields`` must be a field violation, and each of
+    ``prefix_fields`` the start of one (for paths like ``statuses[0]``)."""
+    with pytest.raises(grpc.RpcError) as info:
+        fn(request, timeout=TIMEOUT)
+    raw = info.value
+    assert raw.code() is code, (raw.code(), raw.details())
+    status = rpc_status.from_call(raw)
+    assert status is not None, "no google.rpc.Status in the trailers"
+    infos = [d for d in status.details if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR)]
+    assert len(infos) == 1, status
+    err = FlowsessionError.from_rpc_error(raw)
+    error_info = error_details_pb2.ErrorInfo()
+    infos[0].Unpack(error_info)
+    assert error_info.domain == "flowsession", error_info
+    assert err.reason, err
     if reason is not None:
         assert err.reason == reason, err
-    violated = {f for f, _ in err.field_violations}
+    violated = [f for f, _ in err.field_violations]
     for field in fields:
-        assert any(v == field or v.startswith(field) for v in violated), (field, err.field_violations)
+        assert field in violated, (field, err.field_violations)
+    for field in prefix_fields:
+        assert any(v.startswith(field) for v in violated), (field, err.field_violations)
+    assert all(description for _, description in err.field_violations), err.field_violations
     return err
 
 

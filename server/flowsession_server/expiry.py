@@ -9,6 +9,7 @@ import asyncio
 import logging
 from datetime import datetime
 
+from .background import BackgroundLoop
 from .clock import Clock
 from .domain.errors import DomainError
 from .domain.model import EventType, SessionEvent
@@ -19,30 +20,19 @@ log = logging.getLogger(__name__)
 BATCH = 1000
 
 
-class ExpiryScheduler:
+class ExpiryScheduler(BackgroundLoop):
+    name = "flowsession-expiry"
+
     def __init__(self, store: Store, clock: Clock, *, retry_delay: float = 0.5):
+        super().__init__()
         self._store = store
         self._clock = clock
         self._retry_delay = retry_delay
         self._wake = asyncio.Event()
         self._next_due: datetime | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
 
     def start(self) -> asyncio.Task[None]:
-        self._task = asyncio.create_task(self._run(), name="flowsession-expiry")
-        return self._task
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        return self._spawn(self._run())
 
     def observe(self, events: list[SessionEvent]) -> None:
         """Called after each commit: a new session with an earlier deadline moves the next wake-up."""

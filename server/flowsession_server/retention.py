@@ -8,30 +8,25 @@ import asyncio
 import logging
 from datetime import timedelta
 
+from .background import BackgroundLoop
 from .domain.errors import DomainError
 from .store.store import Store
 
 log = logging.getLogger(__name__)
 
 
-class Retention:
+class Retention(BackgroundLoop):
+    name = "flowsession-retention"
+
     def __init__(self, store: Store, retention: timedelta):
+        super().__init__()
         self._store = store
         self._retention = retention
         # Pruning often enough that history overshoots retention by at most a tenth (at most 10 min).
         self._interval = min(retention.total_seconds() / 10, 600.0)
-        self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="flowsession-retention")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        self._spawn(self._run())
 
     async def prune(self) -> int:
         """Prunes everything due now; returns how many events were removed."""

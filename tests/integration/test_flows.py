@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -18,10 +17,9 @@ from flowsession.v1 import flow_service_pb2 as fpb
 from flowsession.v1 import session_service_pb2 as spb
 from flowsession_server.clock import FakeClock, SystemClock
 from google.protobuf import duration_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from ..support import (
+    expect_error,
     ACCEPTED,
     REJECTED,
     TIMEOUT,
@@ -41,42 +39,10 @@ DRAFT = flow_pb2.FLOW_VERSION_STATE_DRAFT
 PUBLISHED = flow_pb2.FLOW_VERSION_STATE_PUBLISHED
 
 
-# helpers (local to this file: support.py is shared and not ours to change)
+# helpers
 
 
-def fails(
-    fn: Callable[..., Any],
-    request: Any,
-    code: grpc.StatusCode,
-    reason: str | None = None,
-    fields: tuple[str, ...] = (),
-) -> FlowsessionError:
-    """Calls fn(request), expects ``code``; checks ErrorInfo (domain flowsession, a reason) on the raw
-    error, the reason if given, and that every field in ``fields`` is exactly one of the violations."""
-    with pytest.raises(grpc.RpcError) as info:
-        fn(request, timeout=TIMEOUT)
-    raw = info.value
-    assert raw.code() is code, (raw.code(), raw.details())
-    status = rpc_status.from_call(raw)
-    assert status is not None, "no google.rpc.Status in the trailers"
-    infos = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            ei = error_details_pb2.ErrorInfo()
-            detail.Unpack(ei)
-            infos.append(ei)
-    assert len(infos) == 1, status
-    assert infos[0].domain == "flowsession", infos[0]
-    err = FlowsessionError.from_rpc_error(raw)
-    assert err.reason, err
-    if reason is not None:
-        assert err.reason == reason, err
-    violated = [f for f, _ in err.field_violations]
-    for field in fields:
-        assert field in violated, (field, err.field_violations)
-    if code is INVALID and fields:
-        assert all(d for _, d in err.field_violations), err.field_violations
-    return err
+fails = expect_error
 
 
 def description_of(err: FlowsessionError, field: str) -> str:

@@ -12,16 +12,15 @@ from typing import Any
 import grpc
 import jwt
 import pytest
-from flowsession.client import FlowsessionError, connect
+from flowsession.client import connect
 from flowsession.v1 import flow_pb2, session_pb2
 from flowsession.v1 import flow_service_pb2 as fpb
 from flowsession.v1 import session_service_pb2 as spb
 from flowsession_server.clock import FakeClock, SystemClock
 from google.protobuf import struct_pb2
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from ..support import (
+    expect_error,
     ACCEPTED,
     REJECTED,
     TIMEOUT,
@@ -45,43 +44,10 @@ ERROR = session_pb2.SESSION_STATUS_ERROR
 UNSPECIFIED_OUTCOME = flow_pb2.SESSION_OUTCOME_UNSPECIFIED
 
 
-# helpers (local to this file: support.py is shared and not ours to change)
+# helpers
 
 
-def fails(
-    fn: Callable[..., Any],
-    request: Any,
-    code: grpc.StatusCode,
-    reason: str | None = None,
-    fields: tuple[str, ...] = (),
-    prefix_fields: tuple[str, ...] = (),
-) -> FlowsessionError:
-    """Calls fn(request), expects ``code``; checks ErrorInfo (domain flowsession, a reason) on the raw
-    error, the reason if given, every field in ``fields`` exactly and each of ``prefix_fields`` as a prefix."""
-    with pytest.raises(grpc.RpcError) as info:
-        fn(request, timeout=TIMEOUT)
-    raw = info.value
-    assert raw.code() is code, (raw.code(), raw.details())
-    status = rpc_status.from_call(raw)
-    assert status is not None, "no google.rpc.Status in the trailers"
-    infos = []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            ei = error_details_pb2.ErrorInfo()
-            detail.Unpack(ei)
-            infos.append(ei)
-    assert len(infos) == 1, status
-    assert infos[0].domain == "flowsession", infos[0]
-    err = FlowsessionError.from_rpc_error(raw)
-    assert err.reason, err
-    if reason is not None:
-        assert err.reason == reason, err
-    violated = [f for f, _ in err.field_violations]
-    for field in fields:
-        assert field in violated, (field, err.field_violations)
-    for field in prefix_fields:
-        assert any(v.startswith(field) for v in violated), (field, err.field_violations)
-    return err
+fails = expect_error
 
 
 def get(client, session_id: str, environment: str = "live") -> session_pb2.Session:

@@ -138,7 +138,7 @@ def test_cursor_errors(client):
     )
     assert err.metadata["oldest_cursor"]
     expect_error(watch, spb.WatchSessionsRequest(environment="nowhere"), grpc.StatusCode.INVALID_ARGUMENT, fields=("environment",))
-    expect_error(watch, spb.WatchSessionsRequest(environment="live", statuses=[42]), grpc.StatusCode.INVALID_ARGUMENT, fields=("statuses",))
+    expect_error(watch, spb.WatchSessionsRequest(environment="live", statuses=[42]), grpc.StatusCode.INVALID_ARGUMENT, prefix_fields=("statuses",))
 
 
 def test_every_event_arrives_once_per_watcher_under_concurrent_writers_and_random_resumes(client):

@@ -1,31 +1,34 @@
-"""The client facade against grpcio-testing's fake channel: resume, dedup, rich errors.
+"""The client facade against grpcio-testing's fake channel: resume, dedup, backoff, rich errors.
 
-The facade's watch() runs in a thread; the test thread plays the server through the fake channel.
-Every wait in the test thread has a deadline (DEADLINE), so a broken facade fails instead of hanging.
+The facade's watch() / watch_sessions() runs in a thread; the test thread plays the server through
+the fake channel. Every wait in the test thread has a deadline (DEADLINE), so a broken facade fails
+instead of hanging. The facade's sleep is injected (recorded, never slept).
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 import grpc_testing
 import pytest
+import tenacity
 from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from flowsession import client as client_module
-from flowsession.client import KEEPALIVE_OPTIONS, Client, FlowsessionError, connect
+from flowsession.client import KEEPALIVE_OPTIONS, Client, CursorExpiredError, FlowsessionError, connect
 from flowsession.v1 import session_pb2, session_service_pb2
 
 DEADLINE = 5.0
 SERVICE = session_service_pb2.DESCRIPTOR.services_by_name["SessionService"]
 WATCH = SERVICE.methods_by_name["WatchSession"]
+WATCH_SESSIONS = SERVICE.methods_by_name["WatchSessions"]
 END = object()  # what the watch thread reports when the iterator is exhausted
 
 
@@ -87,18 +90,23 @@ def take_watch(fake: grpc_testing.Channel) -> tuple[session_service_pb2.WatchSes
     return request, rpc
 
 
-class Watcher:
-    """Consumes client.watch(...) in a thread, reporting each event, then END or the exception."""
+def take_watch_sessions(fake: grpc_testing.Channel) -> tuple[session_service_pb2.WatchSessionsRequest, Any]:
+    _, request, rpc = within_deadline(lambda: fake.take_unary_stream(WATCH_SESSIONS))
+    return request, rpc
 
-    def __init__(self, client: Client, **kwargs: Any) -> None:
+
+class Consumer:
+    """Consumes an iterator in a thread, reporting each item, then END or the exception."""
+
+    def __init__(self, items: Callable[[], Iterator[Any]]) -> None:
         self._items: queue.Queue[Any] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, args=(client, kwargs), daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(items,), daemon=True)
         self._thread.start()
 
-    def _run(self, client: Client, kwargs: dict[str, Any]) -> None:
+    def _run(self, items: Callable[[], Iterator[Any]]) -> None:
         try:
-            for event in client.watch("live", "s-1", **kwargs):
-                self._items.put(event)
+            for item in items():
+                self._items.put(item)
             self._items.put(END)
         except BaseException as exc:  # handed to the test thread to assert on
             self._items.put(exc)
@@ -110,6 +118,11 @@ class Watcher:
         item = self.next()
         assert isinstance(item, session_pb2.SessionEvent), item
         return item.version
+
+    def next_cursor(self) -> str:
+        item = self.next()
+        assert isinstance(item, session_pb2.SessionEvent), item
+        return item.cursor
 
     def error(self) -> FlowsessionError:
         item = self.next()
@@ -123,6 +136,20 @@ class Watcher:
         assert not self._thread.is_alive()
 
 
+class Watcher(Consumer):
+    """client.watch("live", "s-1", **kwargs) in a thread."""
+
+    def __init__(self, client: Client, **kwargs: Any) -> None:
+        super().__init__(lambda: client.watch("live", "s-1", **kwargs))
+
+
+class SessionsWatcher(Consumer):
+    """client.watch_sessions("live", **kwargs) in a thread."""
+
+    def __init__(self, client: Client, **kwargs: Any) -> None:
+        super().__init__(lambda: client.watch_sessions("live", **kwargs))
+
+
 def event(version: int, kind: int = session_pb2.SESSION_EVENT_TYPE_STEP_COMPLETED) -> Any:
     return session_service_pb2.WatchSessionResponse(
         event=session_pb2.SessionEvent(
@@ -131,6 +158,33 @@ def event(version: int, kind: int = session_pb2.SESSION_EVENT_TYPE_STEP_COMPLETE
             cursor=f"c{version}",
             session=session_pb2.Session(session_id="s-1", version=version),
         )
+    )
+
+
+def heartbeat(version: int) -> Any:
+    return session_service_pb2.WatchSessionResponse(
+        heartbeat=session_service_pb2.WatchHeartbeat(version=version)
+    )
+
+
+def cursor(position: int, epoch: str = "e1") -> str:
+    return f"{epoch}-{position:016x}"  # the server's format: "<epoch>-<16 hex digits>"
+
+
+def feed_event(position: int, session_id: str = "s-1", epoch: str = "e1") -> Any:
+    return session_service_pb2.WatchSessionsResponse(
+        event=session_pb2.SessionEvent(
+            version=1,
+            cursor=cursor(position, epoch),
+            type=session_pb2.SESSION_EVENT_TYPE_STEP_COMPLETED,
+            session=session_pb2.Session(session_id=session_id, version=1),
+        )
+    )
+
+
+def feed_heartbeat(position: int) -> Any:
+    return session_service_pb2.WatchSessionsResponse(
+        heartbeat=session_service_pb2.WatchHeartbeat(cursor=cursor(position))
     )
 
 
@@ -152,8 +206,30 @@ def unavailable(rpc: Any) -> None:
     rpc.terminate((), grpc.StatusCode.UNAVAILABLE, "Socket closed")
 
 
+def error_info(
+    code: grpc.StatusCode, reason: str, retry_after: float | None = None, **metadata: str
+) -> grpc.Status:
+    details: list[Message] = [
+        error_details_pb2.ErrorInfo(reason=reason, domain="flowsession", metadata=metadata)
+    ]
+    if retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(int(retry_after * 1000))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    return rich_status(code, f"{reason.lower()} happened", *details)
+
+
 def after_versions(channel: RecordingChannel) -> list[int]:
     return [request.after_version for request, _ in channel.calls]
+
+
+def after_cursors(channel: RecordingChannel) -> list[str]:
+    return [request.after_cursor for request, _ in channel.calls]
+
+
+def first_window(sleeps: list[float]) -> bool:
+    """One backoff sleep, of the first attempt: full jitter in [0, 50 ms]."""
+    return len(sleeps) == 1 and 0 <= sleeps[0] <= 0.05
 
 
 def test_events_are_yielded_in_order_and_the_ok_end_ends_the_iterator(
@@ -198,7 +274,7 @@ def test_unavailable_resumes_after_the_last_yielded_version_and_skips_duplicates
     watcher.ends()
     assert after_versions(channel) == [0, 2]
     assert all(kwargs["wait_for_ready"] is True for _, kwargs in channel.calls)
-    assert sleeps == []  # no RetryInfo: re-open at once, gRPC's connection backoff paces it
+    assert first_window(sleeps)  # no RetryInfo: the first attempt of the jittered backoff
 
 
 def test_resume_before_any_event_uses_the_original_after_version(
@@ -396,3 +472,408 @@ def test_connect_opens_an_insecure_channel_with_keepalive_then_caller_options(
         "grpc.keepalive_permit_without_calls": 1,
         "grpc.http2.max_pings_without_data": 0,
     }
+
+
+# --- watch(): heartbeats and WATCHER_TOO_SLOW ------------------------------------------------------
+
+
+def test_watch_consumes_heartbeats_without_yielding_them(
+    client: Client, fake: grpc_testing.Channel, channel: RecordingChannel
+) -> None:
+    watcher = Watcher(client)
+    _, rpc = take_watch(fake)
+    rpc.send_response(event(1))
+    rpc.send_response(heartbeat(1))
+    rpc.send_response(event(2, session_pb2.SESSION_EVENT_TYPE_COMPLETED))
+    rpc.terminate((), grpc.StatusCode.OK, "")
+
+    assert [watcher.next_version(), watcher.next_version()] == [1, 2]
+    watcher.ends()
+    assert len(channel.calls) == 1
+
+
+def test_watch_resumes_after_watcher_too_slow_from_the_last_yielded_version(
+    client: Client, fake: grpc_testing.Channel, channel: RecordingChannel, sleeps: list[float]
+) -> None:
+    watcher = Watcher(client)
+    _, rpc = take_watch(fake)
+    rpc.send_response(event(1))
+    rpc.send_response(event(2))
+    assert [watcher.next_version(), watcher.next_version()] == [1, 2]
+    terminate_with(rpc, error_info(grpc.StatusCode.RESOURCE_EXHAUSTED, "WATCHER_TOO_SLOW", last_version="2"))
+
+    request, rpc = take_watch(fake)
+    assert request.after_version == 2
+    rpc.send_response(event(3, session_pb2.SESSION_EVENT_TYPE_COMPLETED))
+    rpc.terminate((), grpc.StatusCode.OK, "")
+    assert watcher.next_version() == 3
+    watcher.ends()
+    assert after_versions(channel) == [0, 2]
+    assert first_window(sleeps)
+
+
+def test_watch_heartbeat_counts_as_progress_for_max_reconnects(
+    client: Client, fake: grpc_testing.Channel, channel: RecordingChannel
+) -> None:
+    # A heartbeat proves the re-opened stream worked: the cap is on consecutive failed opens.
+    watcher = Watcher(client, max_reconnects=1)
+    _, rpc = take_watch(fake)
+    unavailable(rpc)
+
+    _, rpc = take_watch(fake)  # reconnect 1 of 1
+    rpc.send_response(heartbeat(0))
+    rpc.send_response(event(1))  # only a way to know the heartbeat was read before the break
+    assert watcher.next_version() == 1
+    unavailable(rpc)
+
+    _, rpc = take_watch(fake)  # allowed again
+    unavailable(rpc)
+    assert watcher.error().code is grpc.StatusCode.UNAVAILABLE
+    assert after_versions(channel) == [0, 0, 1]
+
+
+def test_watch_resource_exhausted_with_another_reason_raises(
+    client: Client, fake: grpc_testing.Channel, channel: RecordingChannel
+) -> None:
+    watcher = Watcher(client)
+    _, rpc = take_watch(fake)
+    rpc.terminate((), grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max")
+    error = watcher.error()
+    assert (error.code, error.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "")
+    assert len(channel.calls) == 1
+
+
+def test_watch_cursor_expired_raises_the_typed_error(client: Client, fake: grpc_testing.Channel) -> None:
+    watcher = Watcher(client, after_version=3)
+    _, rpc = take_watch(fake)
+    terminate_with(rpc, error_info(grpc.StatusCode.OUT_OF_RANGE, "CURSOR_EXPIRED", oldest_version="9"))
+    error = watcher.error()
+    assert isinstance(error, CursorExpiredError)
+    assert (error.oldest_cursor, error.metadata) == ("", {"oldest_version": "9"})
+
+
+# --- watch_sessions() ------------------------------------------------------------------------------
+
+
+def test_watch_sessions_sends_the_request_and_does_not_yield_heartbeats_by_default(
+    client: Client, fake: grpc_testing.Channel, channel: RecordingChannel
+) -> None:
+    watcher = SessionsWatcher(
+        client,
+        flow_id="kyc",
+        statuses=[session_pb2.SESSION_STATUS_RUNNING],
+        after_cursor=cursor(4),
+        timeout=30,
+    )
+    request, rpc = take_watch_sessions(fake)
+    assert request == session_service_pb2.WatchSessionsRequest(
+        environment="live",
+        flow_id="kyc",
+        statuses=[session_pb2.SESSION_STATUS_RUNNING],
+        after_cursor=cursor(4),
+    )
+    assert channel.calls[0][1] == {"timeout": 30, "wait_for_ready": True}
+    rpc.send_response(feed_event(5))
+    rpc.send_response(feed_heartbeat(5))
+    rpc.send_response(feed_event(6, session_id="s-2"))
+    rpc.terminate((), grpc.StatusCode.OK, "")
+
+    first = watcher.next()
+    assert isinstance(first, session_pb2.SessionEvent)
+    assert (first.cursor, first.session.session_id) == (cursor(5), "s-1")
+    assert watcher.next_cursor() == cursor(6)
+    watcher.ends()
+    assert len(channel.calls) == 1
+
+
+def test_watch_sessions_yields_heartbeats_when_asked(client: Client, fake: grpc_testing.Channel) -> None:
+    watcher = SessionsWatcher(client, heartbeats=True)
+    _, rpc = take_watch_sessions(fake)
+    rpc.send_response(feed_event(1))
+    rpc.send_response(feed_heartbeat(3))
+    rpc.send_response(feed_event(4))
+    rpc.terminate((), grpc.StatusCode.OK, "")
+
+    assert watcher.next_cursor() == cursor(1)
+    beat = watcher.next()
+    assert isinstance(beat, session_service_pb2.WatchHeartbeat)
+    assert beat.cursor == cursor(3)
+    assert watcher.next_cursor() == cursor(4)
+    watcher.ends()
+
+
+def test_unavailable_resumes_from_the_last_event_cursor_without_include_current(
+    client: Client, fake: grpc_testing.Channel, channel: RecordingChannel, sleeps: list[float]
+) -> None:
+    watcher = SessionsWatcher(client, flow_id="kyc", include_current=True)
+    request, rpc = take_watch_sessions(fake)
+    assert (request.after_cursor, request.include_current) == ("", True)
+    rpc.send_response(feed_event(2))
+    rpc.send_response(feed_event(7, session_id="s-2"))
+    assert [watcher.next_cursor(), watcher.next_cursor()] == [cursor(2), cursor(7)]
+    unavailable(rpc)
+
+    request, rpc = take_watch_sessions(fake)
+    assert request == session_service_pb2.WatchSessionsRequest(
+        environment="live", flow_id="kyc", after_cursor=cursor(7), include_current=False
+    )
+    rpc.send_response(feed_event(8))
+    assert watcher.next_cursor() == cursor(8)
+    unavailable(rpc)
+
+    request, rpc = take_watch_sessions(fake)
+    assert (request.after_cursor, request.include_current) == (cursor(8), False)
+    rpc.terminate((), grpc.StatusCode.OK, "")
+    watcher.ends()
+    assert [kwargs["wait_for_ready"] for _, kwargs in channel.calls] == [True, True, True]
+    assert len(sleeps) == 2 and all(0 <= s <= 0.05 for s in sleeps)  # the counter reset on cursor 8
+
+
+def test_resume_after_a_heartbeat_uses_the_heartbeat_cursor(
+    client: Client, fake: grpc_testing.Channel, channel: RecordingChannel
+) -> None:
+    watcher = SessionsWatcher(client, heartbeats=True)
+    _, rpc = take_watch_sessions(fake)
+    rpc.send_response(feed_event(3))
+    rpc.send_response(feed_heartbeat(9))  # events 4..9 matched no filter: the position moved on
+    assert watcher.next_cursor() == cursor(3)
+    assert watcher.next().cursor == cursor(9)
+    unavailable(rpc)
+
+    request, rpc = take_watch_sessions(fake)
+    assert request.after_cursor == cursor(9)
+    rpc.send_response(feed_heartbeat(5))  # an older one (never sent by the server) does not go back
+    rpc.send_response(
+        session_service_pb2.WatchSessionsResponse(heartbeat=session_service_pb2.WatchHeartbeat())
+    )
+    assert watcher.next().cursor == cursor(5)
+    assert watcher.next().cursor == ""
+    unavailable(rpc)
+
+    request, rpc = take_watch_sessions(fake)
+    assert request.after_cursor == cursor(9)
+    rpc.terminate((), grpc.StatusCode.OK, "")
+    watcher.ends()
+    assert after_cursors(channel) == ["", cursor(9), cursor(9)]
+
+
+def test_watcher_too_slow_resumes_from_the_last_cursor_seen(
+    client: Client, fake: grpc_testing.Channel, channel: RecordingChannel, sleeps: list[float]
+) -> None:
+    watcher = SessionsWatcher(client)
+    _, rpc = take_watch_sessions(fake)
+    rpc.send_response(feed_event(11))
+    assert watcher.next_cursor() == cursor(11)
+    terminate_with(
+        rpc, error_info(grpc.StatusCode.RESOURCE_EXHAUSTED, "WATCHER_TOO_SLOW", last_cursor=cursor(11))
+    )
+
+    request, rpc = take_watch_sessions(fake)
+    assert request.after_cursor == cursor(11)
+    rpc.send_response(feed_event(12))
+    assert watcher.next_cursor() == cursor(12)
+    rpc.terminate((), grpc.StatusCode.OK, "")
+    watcher.ends()
+    assert first_window(sleeps)
+
+
+def test_too_many_watchers_honours_the_retry_info_delay(
+    client: Client, fake: grpc_testing.Channel, channel: RecordingChannel, sleeps: list[float]
+) -> None:
+    watcher = SessionsWatcher(client, after_cursor=cursor(5))
+    _, rpc = take_watch_sessions(fake)
+    terminate_with(
+        rpc,
+        error_info(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_WATCHERS", retry_after=2.5, max_watchers="20000"
+        ),
+    )
+
+    request, rpc = take_watch_sessions(fake)
+    assert sleeps == [2.5]  # the server's delay, not the backoff
+    assert request.after_cursor == cursor(5)
+    terminate_with(rpc, error_info(grpc.StatusCode.UNAVAILABLE, "SERVER_BUSY", retry_after=0.125))
+
+    _, rpc = take_watch_sessions(fake)
+    assert sleeps == [2.5, 0.125]
+    rpc.terminate((), grpc.StatusCode.OK, "")
+    watcher.ends()
+
+
+def test_cursor_expired_raises_the_typed_error_with_the_oldest_cursor(
+    client: Client, fake: grpc_testing.Channel, channel: RecordingChannel
+) -> None:
+    watcher = SessionsWatcher(client, after_cursor=cursor(1))
+    _, rpc = take_watch_sessions(fake)
+    terminate_with(rpc, error_info(grpc.StatusCode.OUT_OF_RANGE, "CURSOR_EXPIRED", oldest_cursor=cursor(40)))
+
+    error = watcher.error()
+    assert isinstance(error, CursorExpiredError) and isinstance(error, FlowsessionError)
+    assert (error.code, error.reason, error.oldest_cursor) == (
+        grpc.StatusCode.OUT_OF_RANGE,
+        "CURSOR_EXPIRED",
+        cursor(40),
+    )
+    assert isinstance(error.__cause__, grpc.RpcError)
+    assert len(channel.calls) == 1
+
+
+def test_other_errors_raise_without_reopening(
+    client: Client, fake: grpc_testing.Channel, channel: RecordingChannel
+) -> None:
+    watcher = SessionsWatcher(client)
+    _, rpc = take_watch_sessions(fake)
+    terminate_with(
+        rpc,
+        rich_status(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "invalid request",
+            error_details_pb2.BadRequest(
+                field_violations=[
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field="after_cursor", description="not a cursor"
+                    )
+                ]
+            ),
+        ),
+    )
+    error = watcher.error()
+    assert type(error) is FlowsessionError
+    assert error.field_violations == [("after_cursor", "not a cursor")]
+
+    watcher = SessionsWatcher(client)
+    _, rpc = take_watch_sessions(fake)
+    terminate_with(rpc, error_info(grpc.StatusCode.OUT_OF_RANGE, "SOMETHING_ELSE"))
+    assert type(watcher.error()) is FlowsessionError
+    assert len(channel.calls) == 2
+
+
+def test_first_resume_without_a_cursor_re_sends_the_original_request(
+    client: Client, fake: grpc_testing.Channel, channel: RecordingChannel
+) -> None:
+    watcher = SessionsWatcher(
+        client, flow_id="kyc", statuses=[session_pb2.SESSION_STATUS_RUNNING], include_current=True
+    )
+    original, rpc = take_watch_sessions(fake)
+    rpc.send_response(
+        session_service_pb2.WatchSessionsResponse(heartbeat=session_service_pb2.WatchHeartbeat())
+    )
+    unavailable(rpc)  # nothing yielded, no cursor seen (an empty database's heartbeat has none)
+
+    request, rpc = take_watch_sessions(fake)
+    # Nothing was delivered yet, so the include_current snapshot is still owed: same request.
+    assert request == original
+    assert (request.after_cursor, request.include_current) == ("", True)
+    rpc.send_response(feed_event(3))
+    assert watcher.next_cursor() == cursor(3)
+    unavailable(rpc)
+
+    request, rpc = take_watch_sessions(fake)
+    assert (request.after_cursor, request.include_current, request.flow_id) == (cursor(3), False, "kyc")
+    assert list(request.statuses) == [session_pb2.SESSION_STATUS_RUNNING]
+    rpc.terminate((), grpc.StatusCode.OK, "")
+    watcher.ends()
+
+
+def test_events_at_or_before_the_last_cursor_are_skipped_within_an_epoch(
+    client: Client, fake: grpc_testing.Channel, channel: RecordingChannel
+) -> None:
+    watcher = SessionsWatcher(client, max_reconnects=1)
+    _, rpc = take_watch_sessions(fake)
+    rpc.send_response(feed_event(0x10))
+    assert watcher.next_cursor() == cursor(0x10)
+    unavailable(rpc)
+
+    _, rpc = take_watch_sessions(fake)
+    rpc.send_response(feed_event(0x0F))  # older: skipped (hex order, not string order of "f" vs "10")
+    rpc.send_response(feed_event(0x10))  # the boundary repeated: skipped
+    rpc.send_response(feed_event(0x09, epoch="e2"))  # another epoch: not comparable, yielded
+    assert watcher.next_cursor() == cursor(0x09, "e2")
+    rpc.send_response(feed_event(0x11, epoch="e2"))
+    assert watcher.next_cursor() == cursor(0x11, "e2")
+    unavailable(rpc)
+
+    _, rpc = take_watch_sessions(fake)
+    rpc.send_response(feed_event(0x11, epoch="e2"))  # a repeat only: no progress for the cap
+    unavailable(rpc)
+    assert watcher.error().code is grpc.StatusCode.UNAVAILABLE
+    assert after_cursors(channel) == ["", cursor(0x10), cursor(0x11, "e2")]
+
+
+def test_watch_sessions_max_reconnects_caps_consecutive_reconnects(
+    client: Client, fake: grpc_testing.Channel, channel: RecordingChannel
+) -> None:
+    watcher = SessionsWatcher(client, max_reconnects=2)
+    for _ in range(3):
+        _, rpc = take_watch_sessions(fake)
+        unavailable(rpc)
+
+    error = watcher.error()
+    assert (error.code, error.message) == (grpc.StatusCode.UNAVAILABLE, "Socket closed")
+    assert len(channel.calls) == 3
+
+
+class UpperBound:
+    """Stands in for the random module inside tenacity.wait: uniform(a, b) returns b, recorded."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[float, float]] = []
+
+    def uniform(self, a: float, b: float) -> float:
+        self.calls.append((a, b))
+        return b
+
+
+def test_backoff_without_retry_info_widens_exponentially_is_capped_and_resets_on_an_event(
+    client: Client,
+    fake: grpc_testing.Channel,
+    channel: RecordingChannel,
+    sleeps: list[float],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rng = UpperBound()
+    monkeypatch.setattr(tenacity.wait, "random", rng)
+    watcher = SessionsWatcher(client)
+    for _ in range(10):
+        _, rpc = take_watch_sessions(fake)
+        unavailable(rpc)
+    _, rpc = take_watch_sessions(fake)
+    rpc.send_response(feed_event(1))
+    assert watcher.next_cursor() == cursor(1)
+    terminate_with(rpc, error_info(grpc.StatusCode.RESOURCE_EXHAUSTED, "WATCHER_TOO_SLOW"))
+    _, rpc = take_watch_sessions(fake)
+    rpc.terminate((), grpc.StatusCode.OK, "")
+    watcher.ends()
+
+    windows = [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0]
+    assert sleeps == pytest.approx([*windows, 0.05])  # the event reset the attempt count
+    # Full jitter: each sleep is drawn uniformly from [0, window].
+    assert [low for low, _ in rng.calls] == [0] * 11
+    assert [high for _, high in rng.calls] == pytest.approx([*windows, 0.05])
+
+
+def test_backoff_sleeps_are_jittered_within_their_window(
+    client: Client, fake: grpc_testing.Channel, sleeps: list[float]
+) -> None:
+    watcher = SessionsWatcher(client, max_reconnects=12)
+    for _ in range(13):
+        _, rpc = take_watch_sessions(fake)
+        unavailable(rpc)
+    assert watcher.error().code is grpc.StatusCode.UNAVAILABLE
+
+    windows = [min(5.0, 0.05 * 2**n) for n in range(12)]
+    assert len(sleeps) == 12
+    assert all(0 <= s <= w for s, w in zip(sleeps, windows, strict=True))
+    assert len(set(sleeps)) == 12  # random, not a fixed schedule
+
+
+def test_closing_the_sessions_iterator_cancels_the_stream(client: Client, fake: grpc_testing.Channel) -> None:
+    events = client.watch_sessions("live")
+    first = queue.Queue[Any]()
+    threading.Thread(target=lambda: first.put(next(events)), daemon=True).start()
+    _, rpc = take_watch_sessions(fake)
+    rpc.send_response(feed_event(1))
+    assert first.get(timeout=DEADLINE).cursor == cursor(1)
+
+    events.close()
+    within_deadline(rpc.cancelled)

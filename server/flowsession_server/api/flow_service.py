@@ -47,12 +47,9 @@ class FlowService(flow_service_pb2_grpc.FlowServiceServicer):
         v.raise_if_any()
         key = self._store.keys.page_key
         after = paging.decode(key, ["flows"], request.page_token)
-        flows = await self._store.list_flows(after, size + 1)
-        token = ""
-        if len(flows) > size:
-            flows = flows[:size]
-            last = flows[-1]
-            token = paging.encode(key, ["flows"], [to_us(last.create_time), last.flow_id])
+        flows, token = paging.cut(
+            key, ["flows"], await self._store.list_flows(after, size + 1), size, lambda f: [to_us(f.create_time), f.flow_id]
+        )
         return pb.ListFlowsResponse(flows=[convert.flow_pb(f) for f in flows], next_page_token=token)
 
     @errors.unary
@@ -116,11 +113,13 @@ class FlowService(flow_service_pb2_grpc.FlowServiceServicer):
         key = self._store.keys.page_key
         query = ["flow_versions", request.flow_id]
         after = paging.decode(key, query, request.page_token)
-        versions = await self._store.list_flow_versions(request.flow_id, after[0] if after else 0, size + 1)
-        token = ""
-        if len(versions) > size:
-            versions = versions[:size]
-            token = paging.encode(key, query, [versions[-1].version])
+        versions, token = paging.cut(
+            key,
+            query,
+            await self._store.list_flow_versions(request.flow_id, after[0] if after else 0, size + 1),
+            size,
+            lambda fv: [fv.version],
+        )
         return pb.ListFlowVersionsResponse(
             flow_versions=[convert.flow_version_pb(fv) for fv in versions], next_page_token=token
         )

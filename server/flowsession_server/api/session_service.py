@@ -112,11 +112,13 @@ class SessionService(session_service_pb2_grpc.SessionServiceServicer):
         key = self._store.keys.page_key
         query = ["sessions", request.environment, request.flow_id, sorted(s.value for s in statuses)]
         after = paging.decode(key, query, request.page_token)
-        found = await self._store.list_sessions(request.environment, request.flow_id, statuses, after, size + 1)
-        token = ""
-        if len(found) > size:
-            found = found[:size]
-            token = paging.encode(key, query, [to_us(found[-1].create_time), found[-1].session_id])
+        found, token = paging.cut(
+            key,
+            query,
+            await self._store.list_sessions(request.environment, request.flow_id, statuses, after, size + 1),
+            size,
+            lambda s: [to_us(s.create_time), s.session_id],
+        )
         return pb.ListSessionsResponse(sessions=[convert.session_pb(s) for s in found], next_page_token=token)
 
     @errors.unary

@@ -9,7 +9,7 @@ import base64
 import hashlib
 import hmac
 import json
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from .errors import FieldViolation, InvalidArgument
 
@@ -46,3 +46,14 @@ def decode(key: bytes, query: Any, token: str) -> list[Any] | None:
 
 def _invalid(why: str) -> InvalidArgument:
     return InvalidArgument.of([FieldViolation("page_token", f"page token {why}")], reason="INVALID_PAGE_TOKEN")
+
+
+T = TypeVar("T")
+
+
+def cut(key: bytes, query: Any, items: list[T], size: int, position: Callable[[T], list[Any]]) -> tuple[list[T], str]:
+    """Given up to size + 1 items, returns the page and the token of the next one ("" on the last page)."""
+    if len(items) <= size:
+        return items, ""
+    page = items[:size]
+    return page, encode(key, query, position(page[-1]))

@@ -11,6 +11,7 @@ import asyncio
 import logging
 from typing import Callable
 
+from ..background import BackgroundLoop
 from ..domain.errors import DomainError
 from ..domain.model import SessionEvent
 from ..store.store import Store
@@ -20,27 +21,21 @@ log = logging.getLogger(__name__)
 PAGE = 1000
 
 
-class Feed:
+class Feed(BackgroundLoop):
+    name = "flowsession-feed"
+
     def __init__(self, store: Store, subscribers: list[Callable[[list[SessionEvent]], None]], *, poll_interval: float):
+        super().__init__()
         self._store = store
         self._subscribers = subscribers
         self._poll_interval = poll_interval
         self.last_cursor = 0
         self._catching_up = False
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self.last_cursor = await self._store.max_cursor()
-        self._task = asyncio.create_task(self._run(), name="flowsession-feed")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        self._spawn(self._run())
 
     def on_commit(self, events: list[SessionEvent]) -> None:
         """The writer's callback, on the event loop, in commit order."""
