@@ -1,17 +1,21 @@
 """Hand-written client facade over the generated flowsession.v1 stubs.
 
 connect() opens a channel with keepalive settings, Client holds the stubs, FlowsessionError turns a
-grpc.RpcError and its google.rpc rich status into plain attributes, and Client.watch() follows a
-session's events across UNAVAILABLE failures without gaps or duplicates.
+grpc.RpcError and its google.rpc rich status into plain attributes (CursorExpiredError for
+CURSOR_EXPIRED), Client.watch() follows one session's events and Client.watch_sessions() an
+environment's change feed, both resuming after UNAVAILABLE, WATCHER_TOO_SLOW and TOO_MANY_WATCHERS
+without gaps or duplicates.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
+from typing import Any, TypeVar
 
 import grpc
+import tenacity
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
@@ -30,6 +34,20 @@ KEEPALIVE_OPTIONS: list[tuple[str, object]] = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
+
+# Re-opens without a server RetryInfo wait per tenacity's "full jitter" strategy: uniform in
+# [0, min(5 s, 50 ms * 2^(n-1))] for the n-th consecutive re-open, so a restart's reconnect storm
+# spreads out. gRPC's own connection backoff (wait_for_ready) only paces re-opens while the TCP
+# connection is down; a live connection answering UNAVAILABLE (a proxy without an upstream) or
+# RESOURCE_EXHAUSTED would otherwise be re-opened in a tight loop.
+_RECONNECT = tenacity.Retrying(wait=tenacity.wait_random_exponential(multiplier=0.05, max=5.0))
+
+# The failures a watch resumes from; every other one is raised.
+_RESUMABLE_REASONS = {
+    grpc.StatusCode.RESOURCE_EXHAUSTED: frozenset({"WATCHER_TOO_SLOW", "TOO_MANY_WATCHERS"}),
+}
+
+_T = TypeVar("_T")
 
 
 class FlowsessionError(Exception):
@@ -81,7 +99,10 @@ class FlowsessionError(Exception):
                 retry = error_details_pb2.RetryInfo()
                 detail.Unpack(retry)
                 retry_delay = retry.retry_delay.ToTimedelta().total_seconds()
-        return cls(
+        error_cls: type[FlowsessionError] = cls
+        if cls is FlowsessionError and code is grpc.StatusCode.OUT_OF_RANGE and reason == "CURSOR_EXPIRED":
+            error_cls = CursorExpiredError
+        return error_cls(
             code,
             message,
             reason=reason,
@@ -91,8 +112,43 @@ class FlowsessionError(Exception):
         )
 
 
+class CursorExpiredError(FlowsessionError):
+    """OUT_OF_RANGE, reason CURSOR_EXPIRED: the events after the resume position are gone (pruned,
+    or the cursor is from another database). Re-read the state with ListSessions/GetSession and watch
+    again from now; resuming cannot be gapless."""
+
+    @property
+    def oldest_cursor(self) -> str:
+        """The oldest cursor the server still has (WatchSessions); "" when it sent none."""
+        return self.metadata.get("oldest_cursor", "")
+
+
+def _resumable(error: FlowsessionError) -> bool:
+    return error.code is grpc.StatusCode.UNAVAILABLE or error.reason in _RESUMABLE_REASONS.get(error.code, ())
+
+
+def _backoff(attempt: int) -> float:
+    """tenacity's wait for the attempt-th consecutive re-open (1-based)."""
+    state = tenacity.RetryCallState(_RECONNECT, fn=None, args=(), kwargs={})
+    state.attempt_number = attempt
+    return float(_RECONNECT.wait(state))
+
+
+def _not_after(cursor: str, last: str) -> bool:
+    """True when cursor is known to be at or before last: both "<epoch>-<hex>" of the same epoch.
+    Cursors of different epochs (or not in that form) are not comparable, so never "not after"."""
+    epoch, _, position = cursor.rpartition("-")
+    last_epoch, _, last_position = last.rpartition("-")
+    if not epoch or epoch != last_epoch:
+        return False
+    try:
+        return int(position, 16) <= int(last_position, 16)
+    except ValueError:
+        return False
+
+
 class Client:
-    """The generated stubs on one channel, plus watch() with auto-resume."""
+    """The generated stubs on one channel, plus watch() and watch_sessions() with auto-resume."""
 
     def __init__(self, channel: grpc.Channel, *, sleep: Callable[[float], None] = time.sleep) -> None:
         self._channel = channel
@@ -126,45 +182,144 @@ class Client:
     ) -> Iterator[session_pb2.SessionEvent]:
         """Yields the session's events in version order, each exactly once, until the terminal one.
 
-        On UNAVAILABLE the stream is re-opened after the last version yielded. `timeout` applies to
-        each stream attempt. `max_reconnects` caps consecutive re-opens that yield no new event
-        (None: unlimited). Raises FlowsessionError for any other failure or when the cap is hit.
+        Heartbeats are consumed, not yielded. On UNAVAILABLE and on RESOURCE_EXHAUSTED
+        (WATCHER_TOO_SLOW, TOO_MANY_WATCHERS) the stream is re-opened after the last version
+        yielded, after the server's RetryInfo delay or else a jittered exponential backoff.
+        `timeout` applies to each stream attempt. `max_reconnects` caps consecutive re-opens with
+        no new event or heartbeat in between (None: unlimited). Raises CursorExpiredError on
+        CURSOR_EXPIRED, FlowsessionError for any other failure or when the cap is hit.
         """
         last_version = after_version
-        reconnects = 0
-        while True:
-            # wait_for_ready: a re-open waits for the channel to reconnect, paced by gRPC's own
-            # jittered exponential connection backoff, instead of failing fast in a tight loop.
-            call = self.sessions.WatchSession(
+
+        def open_stream() -> Any:
+            return self.sessions.WatchSession(
                 session_service_pb2.WatchSessionRequest(
                     environment=environment, session_id=session_id, after_version=last_version
                 ),
                 timeout=timeout,
                 wait_for_ready=True,
             )
+
+        def accept(
+            response: session_service_pb2.WatchSessionResponse,
+        ) -> tuple[bool, session_pb2.SessionEvent | None]:
+            nonlocal last_version
+            if not response.HasField("event"):
+                # A heartbeat: the stream is healthy. Its version never passes the last event sent.
+                return True, None
+            event = response.event
+            if event.version <= last_version:  # a re-opened stream may repeat the boundary event
+                return False, None
+            last_version = event.version
+            return True, event
+
+        return self._follow(open_stream, accept, max_reconnects)
+
+    def watch_sessions(
+        self,
+        environment: str,
+        *,
+        flow_id: str = "",
+        statuses: Iterable[session_pb2.SessionStatus] = (),
+        after_cursor: str = "",
+        include_current: bool = False,
+        timeout: float | None = None,
+        max_reconnects: int | None = None,
+        heartbeats: bool = False,
+    ) -> Iterator[session_pb2.SessionEvent | session_service_pb2.WatchHeartbeat]:
+        """Yields every event of the environment's matching sessions in commit order, each once.
+
+        Empty `after_cursor`: from now (with `include_current`, first the latest event of each
+        matching RUNNING session); otherwise after that cursor. With `heartbeats`, the server's
+        WatchHeartbeat messages are yielded too (their cursor is a safe position to store).
+
+        The iterator remembers the last cursor it has seen, from events and heartbeats alike. On
+        UNAVAILABLE and on RESOURCE_EXHAUSTED (WATCHER_TOO_SLOW, TOO_MANY_WATCHERS) it re-opens
+        with after_cursor set to that cursor and include_current off, after the server's RetryInfo
+        delay or else a jittered exponential backoff; events at or before that cursor are skipped.
+        Until a first cursor has been seen it re-sends the original request: with an empty
+        `after_cursor` that starts "from now" again, so events committed between the two opens are
+        missed; pass a cursor (e.g. from a previous run) where that matters. If a resume cuts into
+        the include_current snapshot, the log is replayed from the last snapshot event: nothing is
+        missed, older events of other sessions may appear.
+
+        `timeout` applies to each stream attempt (the server never ends the stream by itself, so a
+        timeout ends it with DEADLINE_EXCEEDED, raised). `max_reconnects` caps consecutive re-opens
+        with no new event or heartbeat in between (None: unlimited). Raises CursorExpiredError
+        (with .oldest_cursor) on CURSOR_EXPIRED: re-read with ListSessions and watch from now.
+        Raises FlowsessionError for any other failure or when the cap is hit.
+        """
+        original = session_service_pb2.WatchSessionsRequest(
+            environment=environment,
+            flow_id=flow_id,
+            statuses=statuses,
+            after_cursor=after_cursor,
+            include_current=include_current,
+        )
+        last_cursor = after_cursor
+
+        def open_stream() -> Any:
+            request = original
+            if last_cursor != after_cursor:
+                request = session_service_pb2.WatchSessionsRequest()
+                request.CopyFrom(original)
+                request.after_cursor = last_cursor
+                request.include_current = False
+            return self.sessions.WatchSessions(request, timeout=timeout, wait_for_ready=True)
+
+        def accept(
+            response: session_service_pb2.WatchSessionsResponse,
+        ) -> tuple[bool, session_pb2.SessionEvent | session_service_pb2.WatchHeartbeat | None]:
+            nonlocal last_cursor
+            if not response.HasField("event"):
+                heartbeat = response.heartbeat
+                # A heartbeat travels behind every event sent before it, so its cursor is safe to
+                # resume from; "" (nothing committed yet) or an older cursor moves nothing.
+                if heartbeat.cursor and not _not_after(heartbeat.cursor, last_cursor):
+                    last_cursor = heartbeat.cursor
+                return True, heartbeat if heartbeats else None
+            event = response.event
+            # The server sends nothing at or before the resume cursor; skipped defensively.
+            if last_cursor and _not_after(event.cursor, last_cursor):
+                return False, None
+            if event.cursor:
+                last_cursor = event.cursor
+            return True, event
+
+        return self._follow(open_stream, accept, max_reconnects)
+
+    def _follow(
+        self,
+        open_stream: Callable[[], Any],
+        accept: Callable[[Any], tuple[bool, _T | None]],
+        max_reconnects: int | None,
+    ) -> Iterator[_T]:
+        """The resume loop of both watches. open_stream opens a call at the current position;
+        accept records a response's position and returns (progress, item to yield or None)."""
+        attempts = 0  # consecutive re-opens without progress: the cap's count and the backoff's exponent
+        while True:
+            # wait_for_ready (set by open_stream): while the connection is down a re-open waits for
+            # it, paced by gRPC's jittered exponential connection backoff.
+            call = open_stream()
             try:
                 for response in call:
-                    event = response.event
-                    # A re-opened stream may repeat what the broken one already delivered.
-                    if event.version <= last_version:
-                        continue
-                    last_version = event.version
-                    reconnects = 0
-                    yield event
+                    progress, item = accept(response)
+                    if progress:
+                        attempts = 0
+                    if item is not None:
+                        yield item
                 return
             except grpc.RpcError as err:
                 error = FlowsessionError.from_rpc_error(err)
-                if error.code is not grpc.StatusCode.UNAVAILABLE:
+                if not _resumable(error) or (max_reconnects is not None and attempts >= max_reconnects):
                     raise error from err
-                if max_reconnects is not None and reconnects >= max_reconnects:
-                    raise error from err
-                reconnects += 1
-                if error.retry_delay is not None:
-                    self._sleep(error.retry_delay)
+                attempts += 1
+                delay = error.retry_delay if error.retry_delay is not None else _backoff(attempts)
             finally:
                 # Frees the server's watcher when the caller stops iterating early; a no-op on a
                 # stream that already ended.
                 call.cancel()
+            self._sleep(delay)
 
 
 def connect(address: str, *, options: Sequence[tuple[str, object]] = ()) -> Client:
