@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import queue
+import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -11,8 +12,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from flowsession.client import connect
 from flowsession.v1 import session_pb2, session_service_pb2 as spb
+from flowsession_server.domain.errors import Unavailable
 
-from ..support import TIMEOUT, ServerProcess, get, new_session, published_flow, report
+from ..support import TIMEOUT, ServerProcess, get, new_session, published_flow, report, wait_until
 
 
 def test_health_is_serving(client):
@@ -132,3 +134,24 @@ def test_client_watch_resumes_across_a_server_restart_without_gap_or_duplicate(t
                 second.close()
     finally:
         first.close()
+
+
+def test_health_is_not_serving_while_the_store_cannot_commit(server, client):
+    stub = health_pb2_grpc.HealthStub(client._channel)
+
+    def status():
+        return stub.Check(health_pb2.HealthCheckRequest(service="flowsession.v1.SessionService"), timeout=TIMEOUT).status
+
+    def failing_disk(conn):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    async def write(command):
+        try:
+            return await server.server.store._writer.submit(command)
+        except Unavailable as exc:
+            return exc.reason
+
+    assert server.call(write(failing_disk)) == "STORE_UNAVAILABLE"
+    wait_until(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING)
+    published_flow(client)  # the next commit succeeds: the store is writable again
+    wait_until(lambda: status() == health_pb2.HealthCheckResponse.SERVING)
