@@ -44,7 +44,7 @@ $(BUF):
 lint: $(STAMP) $(BUF)
 	cd protos && ../$(BUF) lint
 	cd protos && ../$(BUF) breaking --against "../$(BUF_AGAINST)"
-	$(VENV)/bin/ruff check server clients/python/flowsession/client.py tests bench
+	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
 	$(PY) -m bench
