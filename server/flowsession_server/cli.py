@@ -72,6 +72,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
     environments = frozenset(e.strip() for e in args.environments.split(",") if e.strip())
     if not environments:
         raise SystemExit("--environments needs at least one name")
+    if args.synchronous not in ("FULL", "NORMAL"):  # argparse does not check env-var defaults
+        raise SystemExit(f"--synchronous must be FULL or NORMAL, not {args.synchronous!r}")
     for flag, value, low in (
         ("--watch-queue", args.watch_queue, 1),
         ("--max-watchers", args.max_watchers, 1),

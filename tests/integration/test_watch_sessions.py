@@ -371,14 +371,21 @@ def test_watch_sessions_resumes_across_a_restart(tmp_path):
             sid = new_session(client, flow_id).session.session_id
             cursor = watch.events(1)[0].cursor
             report(client, sid, "document", "ok")
-            watch.events(1)
+            head = watch.events(1)[0].cursor
             watch.close()
     finally:
         first.terminate()
         first.close()
-    second = ServerProcess(db)
+    second = ServerProcess(db, "--watch-heartbeat", "0.2")
     try:
         with connect(second.address) as client:
+            # A fresh process knows where "now" is: the current state and heartbeats start at the log's head.
+            current = Collector(client, include_current=True)
+            snapshot = current.events(1)[0]
+            assert (snapshot.session.session_id, snapshot.version, snapshot.cursor) == (sid, 2, head)
+            beat = current.take(1)[0]
+            assert not beat.HasField("event") and beat.heartbeat.cursor == head
+            current.close()
             report(client, sid, "liveness", "ok")
             resumed = Collector(client, after_cursor=cursor)
             assert [e.version for e in resumed.events(2)] == [2, 3]

@@ -37,7 +37,6 @@ SERVER_OPTIONS: Sequence[tuple[str, int]] = (
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
     ("grpc.http2.max_ping_strikes", 2),
-    ("grpc.max_connection_age_grace_ms", 30_000),
 )
 
 
@@ -69,6 +68,8 @@ class FlowsessionServer:
     async def start(self, address: str) -> int:
         await self.store.open(self.feed.on_commit, self._on_health)
         await self.feed.start()
+        # "Now" for new watchers is the log's head at start, not the beginning of the log.
+        self.hub.high_water = self.feed.last_cursor
         self.expiry.start().add_done_callback(self._expiry_ended)
         self.retention.start()
         streams = Streams(

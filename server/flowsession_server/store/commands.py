@@ -296,7 +296,8 @@ def not_found_session(environment: str, session_id: str) -> NotFound:
 
 def prune_events(limit: int, retention: timedelta, now: datetime) -> Command:
     """Deletes up to ``limit`` events older than ``retention``, never one of a RUNNING session and never
-    a session's latest event (WatchSession starts from it). Value: how many were deleted."""
+    a session's latest event (WatchSession starts from it), and the ended sessions' request ids older
+    than that. Value: how many events were deleted."""
 
     def run(conn: sqlite3.Connection) -> Done[int]:
         cutoff = codec.to_us(now - retention)
@@ -306,6 +307,12 @@ def prune_events(limit: int, retention: timedelta, now: datetime) -> Command:
             [cutoff, limit],
         ).fetchall()
         cursors = [r["cursor"] for r in rows]
+        # Idempotency keys live as long as history: a retry within the retention period is recognised.
+        conn.execute(
+            "DELETE FROM request_ids WHERE create_us < ? AND session_id IN "
+            "(SELECT session_id FROM sessions WHERE status != 'RUNNING')",
+            [cutoff],
+        )
         if cursors:
             conn.executemany("DELETE FROM events WHERE cursor = ?", [[c] for c in cursors])
             conn.execute(

@@ -136,7 +136,8 @@ class SessionServiceServicer:
         """Streams a session's events in version order with no gap and no duplicate, and ends with OK
         right after the terminal event. after_version 0: the current state first, then every change;
         N: every event after N, then every change. Errors: INVALID_ARGUMENT, NOT_FOUND,
-        OUT_OF_RANGE (VERSION_AHEAD), RESOURCE_EXHAUSTED (WATCHER_TOO_SLOW), UNAVAILABLE (SHUTTING_DOWN).
+        OUT_OF_RANGE (VERSION_AHEAD; CURSOR_EXPIRED when events after N were pruned), RESOURCE_EXHAUSTED
+        (WATCHER_TOO_SLOW, TOO_MANY_WATCHERS), UNAVAILABLE (SHUTTING_DOWN, SERVER_BUSY).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,46 @@
+"""`flowsession serve` flags and FLOWSESSION_* variables fill Settings; bad values stop the start."""
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+
+from flowsession_server import cli
+
+
+def parse(monkeypatch, argv, **env):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return cli.settings_from(cli._parser().parse_args(["serve", *argv]))
+
+
+def test_flags_fill_settings(monkeypatch):
+    s = parse(
+        monkeypatch,
+        ["--db", "x.db", "--environments", "live, eu", "--watch-heartbeat", "5", "--event-retention", "60",
+         "--max-watchers", "7", "--watch-queue", "3", "--feed-poll", "0.05", "--synchronous", "NORMAL"],
+    )
+    assert (s.db_path, s.environments, s.watch_heartbeat, s.max_watchers, s.watch_queue, s.feed_poll, s.synchronous) == (
+        "x.db", frozenset({"live", "eu"}), 5.0, 7, 3, 0.05, "NORMAL"
+    )
+    assert s.event_retention == timedelta(seconds=60)
+
+
+def test_environment_variables_are_the_defaults_and_flags_win(monkeypatch):
+    s = parse(monkeypatch, ["--max-watchers", "9"], FLOWSESSION_DB="env.db", FLOWSESSION_MAX_WATCHERS="5")
+    assert (s.db_path, s.max_watchers) == ("env.db", 9)
+
+
+@pytest.mark.parametrize(
+    "argv, env",
+    [
+        ([], {"FLOWSESSION_SYNCHRONOUS": "bogus"}),  # would silently weaken durability
+        (["--watch-queue", "0"], {}),
+        (["--max-watchers", "0"], {}),
+        (["--environments", " , "], {}),
+        (["--event-retention", "0"], {}),
+    ],
+)
+def test_bad_values_refuse_to_start(monkeypatch, argv, env):
+    with pytest.raises(SystemExit):
+        parse(monkeypatch, argv, **env)
