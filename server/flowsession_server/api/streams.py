@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import random
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -52,8 +53,30 @@ class _Sender:
             self._sending = False
 
 
+class _Responses:
+    """One response message per (event, stream kind), shared by every watcher it fans out to: with
+    thousands of watchers, converting each event once instead of once per stream is most of the cost."""
+
+    def __init__(self, store: Store, capacity: int = 4096):
+        self._store = store
+        self._capacity = capacity
+        self._cache: OrderedDict[tuple[type, int], Any] = OrderedDict()
+
+    def get(self, kind: type, event: SessionEvent) -> Any:
+        key = (kind, event.cursor)
+        response = self._cache.get(key)
+        if response is None:
+            assert self._store.keys is not None
+            response = kind(event=convert.event_pb(event, self._store.keys.epoch))
+            self._cache[key] = response
+            if len(self._cache) > self._capacity:
+                self._cache.popitem(last=False)
+        return response
+
+
 class Streams:
     def __init__(self, store: Store, hub: Hub, clock: Clock, settings: WatchSettings):
+        self._responses = _Responses(store)
         self._store = store
         self._hub = hub
         self._clock = clock
@@ -144,7 +167,7 @@ class Streams:
                 for event in pending:
                     if event.version <= last:
                         continue
-                    await sender.send(pb.WatchSessionResponse(event=convert.event_pb(event, self._epoch)))
+                    await sender.send(self._responses.get(pb.WatchSessionResponse, event))
                     last = event.version
                     if event.terminal:
                         return
@@ -178,7 +201,7 @@ class Streams:
 
         async def send(event: SessionEvent, sender: _Sender) -> None:
             nonlocal last
-            await sender.send(pb.WatchSessionsResponse(event=convert.event_pb(event, self._epoch)))
+            await sender.send(self._responses.get(pb.WatchSessionsResponse, event))
             last = max(last, event.cursor)
 
         async def body(sender: _Sender) -> None:
@@ -204,7 +227,7 @@ class Streams:
                             request.environment, request.flow_id, position, up_to, EVENT_PAGE
                         )
                         for event in page:
-                            await sender.send(pb.WatchSessionsResponse(event=convert.event_pb(event, self._epoch)))
+                            await sender.send(self._responses.get(pb.WatchSessionsResponse, event))
                         if len(page) < EVENT_PAGE:
                             break
                         position = page[-1].cursor

@@ -153,8 +153,32 @@ def create_session(new: NewSession, idempotency: IdempotencyKey | None, now: dat
     return run
 
 
+class PublishedVersions:
+    """Published flow versions are immutable, so the writer thread keeps the ones sessions run."""
+
+    def __init__(self, capacity: int = 10_000):
+        self._capacity = capacity
+        self._versions: dict[tuple[str, int], FlowVersion] = {}
+
+    def get(self, conn: sqlite3.Connection, flow_id: str, version: int) -> FlowVersion:
+        key = (flow_id, version)
+        found = self._versions.get(key)
+        if found is None:
+            found = _flow_version(conn, flow_id, version)
+            if found.state is FlowVersionState.PUBLISHED:
+                if len(self._versions) >= self._capacity:
+                    self._versions.clear()
+                self._versions[key] = found
+        return found
+
+
 def change_session(
-    environment: str, session_id: str, verb: Verb, now: datetime, idempotency: IdempotencyKey | None = None
+    environment: str,
+    session_id: str,
+    verb: Verb,
+    now: datetime,
+    idempotency: IdempotencyKey | None,
+    versions: PublishedVersions,
 ) -> Command:
     """Applies ``verb`` to a session. An overdue RUNNING session is expired first (and that expiry is
     committed even when the verb is then refused), so no change lands after a session's deadline."""
@@ -171,7 +195,8 @@ def change_session(
             events.append(expired)
             session = expired.session
         try:
-            event = _apply(conn, session, verb(session, _flow_version(conn, session.flow_id, session.flow_version), now))
+            flow_version = versions.get(conn, session.flow_id, session.flow_version)
+            event = _apply(conn, session, verb(session, flow_version, now))
         except (FailedPrecondition, VersionMismatch) as refused:
             if events:
                 return Done(session, events, error=refused)

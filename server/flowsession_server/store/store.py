@@ -38,6 +38,7 @@ class Store:
         self._writer: Writer | None = None
         self._reader: reads.Reader | None = None
         self.keys: StoreKeys | None = None
+        self._versions = commands.PublishedVersions()  # used by the writer thread only
 
     async def open(self, on_commit: Callable[[list[SessionEvent]], None], on_health: Callable[[bool], None]) -> None:
         def prepare() -> StoreKeys:
@@ -121,7 +122,7 @@ class Store:
         self, environment: str, session_id: str, verb: Verb, idempotency: IdempotencyKey | None = None
     ) -> Session:
         return await self._write(
-            lambda now: commands.change_session(environment, session_id, verb, now, idempotency)
+            lambda now: commands.change_session(environment, session_id, verb, now, idempotency, self._versions)
         )
 
     async def get_session(self, environment: str, session_id: str) -> Session:
