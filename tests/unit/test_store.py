@@ -772,3 +772,30 @@ def test_callers_hear_back_even_if_on_commit_raises(tmp_path: Path) -> None:
         assert (await store.get_session(ENV, "ses_1")).version == 1
 
     asyncio.run(with_store(db(tmp_path), FakeClock(T0), body, recorder))
+
+
+def test_processes_opening_a_new_file_together_migrate_it_once(tmp_path: Path) -> None:
+    """Several openers racing on one fresh file: every one succeeds and all share the same keys."""
+    path = str(tmp_path / "race.db")
+    barrier = threading.Barrier(6)
+    keys: list[dict[str, str]] = []
+    errors: list[BaseException] = []
+
+    def open_one() -> None:
+        conn = schema.connect(path)
+        try:
+            barrier.wait(DEADLINE_S)
+            schema.migrate(conn)
+            keys.append(schema.read_meta(conn))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        finally:
+            conn.close()
+
+    threads = [threading.Thread(target=open_one) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(DEADLINE_S)
+    assert errors == []
+    assert len(keys) == 6 and all(k == keys[0] for k in keys)

@@ -77,13 +77,16 @@ def connect(path: str, *, synchronous: str = "FULL") -> sqlite3.Connection:
 
 
 def migrate(conn: sqlite3.Connection) -> None:
+    """Applies pending migrations under one write lock, so processes starting together on one file
+    take turns: the first migrates, the others then find nothing pending."""
     db = sqlite_utils.Database(conn)
+    conn.execute("BEGIN IMMEDIATE")
     try:
-        migrations.apply(db)
-    except sqlite3.DatabaseError:
-        # Another process sharing the file applied the same migration first: fine if nothing is left.
-        if migrations.pending(db):
-            raise
+        migrations.apply(db)  # nested in our transaction: sqlite-utils uses savepoints
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
 
 
 def read_meta(conn: sqlite3.Connection) -> dict[str, str]:
