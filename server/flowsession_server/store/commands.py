@@ -137,15 +137,16 @@ def create_session(new: NewSession, idempotency: IdempotencyKey | None, now: dat
             now=now,
         )
         s = event.session
+        body = codec.session_body(s)
         conn.execute(
             "INSERT INTO sessions (session_id, environment, flow_id, status, create_us, expire_us, version, input, body) "
             "VALUES (?,?,?,?,?,?,?,?,?)",
             [
                 s.session_id, s.environment, s.flow_id, s.status.value, codec.to_us(s.create_time),
-                codec.to_us(s.expire_time), s.version, codec.dumps(s.input), codec.session_body(s),
+                codec.to_us(s.expire_time), s.version, codec.dumps(s.input), body,
             ],
         )
-        event = _append_event(conn, event)
+        event = _append_event(conn, event, body)
         if idempotency is not None:
             _remember(conn, idempotency, s, now)
         return Done((s, False), [event])
@@ -237,22 +238,23 @@ def expire_due(limit: int, now: datetime) -> Command:
 
 def _apply(conn: sqlite3.Connection, before: Session, event: SessionEvent) -> SessionEvent:
     after = event.session
+    body = codec.session_body(after)
     cur = conn.execute(
         "UPDATE sessions SET status = ?, version = ?, body = ? WHERE session_id = ? AND version = ?",
-        [after.status.value, after.version, codec.session_body(after), after.session_id, before.version],
+        [after.status.value, after.version, body, after.session_id, before.version],
     )
     if cur.rowcount != 1:
         raise VersionMismatch(f"session {after.session_id} changed concurrently; retry")
-    return _append_event(conn, event)
+    return _append_event(conn, event, body)
 
 
-def _append_event(conn: sqlite3.Connection, event: SessionEvent) -> SessionEvent:
+def _append_event(conn: sqlite3.Connection, event: SessionEvent, body: str) -> SessionEvent:
     s = event.session
     cur = conn.execute(
         "INSERT INTO events (session_id, version, type, event_us, environment, flow_id, status, body) VALUES (?,?,?,?,?,?,?,?)",
         [
             event.session_id, event.version, event.type.value, codec.to_us(event.event_time),
-            s.environment, s.flow_id, s.status.value, codec.session_body(s),
+            s.environment, s.flow_id, s.status.value, body,
         ],
     )
     return replace(event, cursor=cur.lastrowid or 0)
