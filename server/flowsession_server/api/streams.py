@@ -131,7 +131,9 @@ class Streams:
     async def _next(self, watcher: Watcher) -> SessionEvent | None:
         """The next live event, or None when the stream has been idle for the heartbeat interval."""
         try:
-            return await asyncio.wait_for(watcher.next(), timeout=self._settings.heartbeat)
+            # asyncio.timeout, not wait_for: no extra task per event on a hot path.
+            async with asyncio.timeout(self._settings.heartbeat):
+                return await watcher.next()
         except TimeoutError:
             return None
 
