@@ -9,6 +9,7 @@ from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 from flowsession.v1 import flow_pb2, session_pb2
 
 from ..domain.errors import Violations
+from ..store.codec import to_us
 from ..domain.model import (
     DEFAULT_EXECUTION_TIMEOUT,
     MAX_EXECUTION_TIMEOUT,
@@ -41,9 +42,9 @@ _STATE_TO_PB = {
 
 
 def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value)
-    return ts
+    # Integer arithmetic on microseconds: Timestamp.FromDatetime was a tenth of a status change's CPU.
+    us = to_us(value)
+    return timestamp_pb2.Timestamp(seconds=us // 1_000_000, nanos=us % 1_000_000 * 1000)
 
 
 def duration(value: timedelta) -> duration_pb2.Duration:

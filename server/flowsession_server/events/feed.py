@@ -19,6 +19,8 @@ from ..store.store import Store
 log = logging.getLogger(__name__)
 
 PAGE = 1000
+# Seconds between reads of the log's head even when the files look unchanged.
+FULL_CHECK_INTERVAL = 1.0
 
 
 class Feed(BackgroundLoop):
@@ -50,12 +52,23 @@ class Feed(BackgroundLoop):
             subscriber(events)
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        fingerprint = self._store.change_fingerprint()
+        next_full_check = loop.time() + FULL_CHECK_INTERVAL
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=self._poll_interval)
+                woken = True
             except TimeoutError:
-                pass
+                woken = False
             self._wake.clear()
+            # An idle poll only looks at the files; the log is read when they changed, when a local
+            # commit did not follow on, or every FULL_CHECK_INTERVAL in case a change left no trace.
+            seen = self._store.change_fingerprint()
+            if not woken and seen == fingerprint and loop.time() < next_full_check:
+                continue
+            fingerprint = seen
+            next_full_check = loop.time() + FULL_CHECK_INTERVAL
             try:
                 if await self._store.max_cursor() > self.last_cursor:
                     await self._catch_up()

@@ -3,6 +3,7 @@ readers; a PostgreSQL backend would implement the same async methods."""
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -163,6 +164,19 @@ class Store:
 
     async def max_cursor(self) -> int:
         return await self._read(reads.max_cursor)
+
+    def change_fingerprint(self) -> tuple[int, ...]:
+        """Cheap (two stat calls, no SQL): differs after any process committed to the file, so the
+        change feed reads the log only then. Coarse file times can hide a change; the feed re-reads
+        the log's head every second regardless."""
+        parts: list[int] = []
+        for path in (self._path, self._path + "-wal"):
+            try:
+                st = os.stat(path)
+                parts += [st.st_mtime_ns, st.st_size, st.st_ino]
+            except FileNotFoundError:
+                parts += [0, 0, 0]
+        return tuple(parts)
 
     async def pruned_through(self) -> int:
         return await self._read(reads.pruned_through)
