@@ -46,7 +46,14 @@ lint: $(STAMP) $(BUF)
 	cd protos && ../$(BUF) breaking --against "../$(BUF_AGAINST)"
 	$(VENV)/bin/ruff check .
 
-bench: $(STAMP)
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install --quiet -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+# Not part of `make test`: about 7 minutes; writes bench/results/<date>.json, .png and latest.md.
+bench: $(BENCH_STAMP)
 	$(PY) -m bench
 
 clean:

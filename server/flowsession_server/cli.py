@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -96,8 +97,20 @@ def settings_from(args: argparse.Namespace) -> Settings:
     )
 
 
+def tune_gc() -> None:
+    """Thousands of open streams make a full collection scan everything (pauses of hundreds of ms seen
+    in the bench). Freeze what start-up built (modules, servicers) so no collection scans it again, and
+    let full collections wait for 100x more young collections than the default; the young generations
+    keep their defaults, so their pauses stay short."""
+    gc.collect()
+    gc.freeze()
+    young, middle, _ = gc.get_threshold()
+    gc.set_threshold(young, middle, 1000)
+
+
 async def serve(settings: Settings, address: str) -> None:
     server, port = await build_server(settings, address)
+    tune_gc()
     host = address.rsplit(":", 1)[0]
     print(f"listening on {host}:{port}", flush=True)
     stop = asyncio.Event()

@@ -1,0 +1,455 @@
+"""Targets, ratios to the bare grpc.aio server, and the three outputs: JSON, markdown table, PNG chart."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+KB = 1000  # "50 KB per stream" is read as 50,000 bytes (the stricter reading)
+
+
+METHOD = {
+    "processes": "each phase starts its own server (fresh SQLite file in a temp dir, default flags: synchronous FULL) on "
+    "127.0.0.1:0; load comes from 4 separate client processes (2 watchers/pollers with 4 HTTP/2 channels each, "
+    "2 drivers with 2 channels each) using grpc.aio; servers run under bench/gc_probe.py, which times every "
+    "garbage collection and changes nothing else; server code is a snapshot taken when the run started",
+    "watch_latency": "one WatchSession per session (flow: step liveness routes retry->liveness), every stream's first "
+    "event awaited before measuring; a driver sends ReportStepResult(retry) open-loop at the stated rate round-robin "
+    "over the watched sessions in shuffled order; latency = client receipt wall clock - the event's event_time "
+    "(the server's clock when the writer ran the change, before COMMIT); every event of the run, after all arrived",
+    "bare_latency": "same client setup against bench/bare_server.py: a Publish unary RPC stamps time.time() and puts "
+    "one message (408 bytes) on the in-memory queue of the key's stream",
+    "memory_per_stream": "server RSS after opening the streams (each answered) minus RSS before, divided by the count",
+    "idle_cpu": "server user+system CPU (psutil) while the streams sit idle for the stated seconds",
+    "throughput": "closed loop: 2 drivers x 32 calls in flight; created/s with CreateSession, changes/s with "
+    "ReportStepResult (0 watchers: over every session created so far, none watched; with watchers: over the watched ones)",
+    "echo": "the same closed loop against the bare server's Echo (64-byte payload)",
+    "expiry_storm": "one flow per 25 ms of execution_timeout; each create (8 in flight) picks the flow that puts its "
+    "expire_time nearest a shared deadline; all sessions watched before the deadline; figure = last EXPIRED receipt "
+    "- earliest expire_time",
+    "expiry_lag": "sessions created at a steady rate, each watched from its creation; lag = EXPIRED event_time - "
+    "expire_time",
+    "polling_vs_streaming": "one client per session, one change per session every change_every_s on average (paced "
+    "round-robin); pollers call GetSession every 1 s with a random phase; staleness = receipt - update_time of the "
+    "newly seen version (polling) or receipt - event_time (streaming); learning CPU = server CPU during the window "
+    "minus the mean of the same change load with no clients, run before and after",
+    "profiles": "only for missed targets: py-spy record --gil --native on the server during a re-run of the workload",
+}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def _get(d: dict[str, Any], *path: str) -> Any:
+    for p in path:
+        if d is None:
+            return None
+        d = d.get(p)
+    return d
+
+
+def cpu_per_change(results: dict[str, Any]) -> dict[str, Any]:
+    """Server CPU per change learned, polling against streaming: total, and net of the same change load
+    with no learners (the cost of learning itself)."""
+    p = results["polling"]
+    base = p["changes_only"]["window"]["server_cpu_s"]
+    out: dict[str, Any] = {"changes_only_cpu_s": base}
+    for mode in ("polling", "streaming"):
+        m = p[mode]
+        cpu = m["window"]["server_cpu_s"]
+        learned = max(1, m["changes_made"])
+        minutes = m["window"]["seconds"] / 60.0
+        out[mode] = {
+            "server_cpu_s": cpu,
+            "cpu_s_per_minute": cpu / minutes,
+            "learning_cpu_s": cpu - base,
+            "learning_cpu_s_per_minute": (cpu - base) / minutes,
+            "cpu_ms_per_change": 1000.0 * cpu / learned,
+            "learning_cpu_ms_per_change": 1000.0 * (cpu - base) / learned,
+        }
+    # A learning cost below the measurement's resolution (10 ms of CPU) is taken as 10 ms.
+    floor = 0.010
+    stream_learning = max(out["streaming"]["learning_cpu_s"], floor)
+    out["ratio_learning"] = (max(out["polling"]["learning_cpu_s"], floor) / max(1, p["polling"]["changes_made"])) / (
+        stream_learning / max(1, p["streaming"]["changes_made"])
+    )
+    out["ratio_learning_at_floor"] = out["streaming"]["learning_cpu_s"] < floor
+    out["ratio_total"] = out["polling"]["cpu_ms_per_change"] / max(out["streaming"]["cpu_ms_per_change"], 1e-9)
+    return out
+
+
+def _target(
+    key: str, name: str, value: float | None, unit: str, op: str, limit: float, *, compare: float | None = None,
+    bare: float | None = None, detail: str = "",
+) -> dict[str, Any]:  # fmt: skip
+    """op "<=": value must not exceed limit. op ">=": value must reach limit. ``compare`` is what is
+    held against the limit when it is not ``value`` itself (a ratio)."""
+    held = value if compare is None else compare
+    passed = held is not None and (held <= limit if op == "<=" else held >= limit)
+    entry: dict[str, Any] = {
+        "key": key, "name": name, "value": value, "unit": unit, "target": f"{op} {limit:g}",
+        "compared": held, "pass": passed, "bare": bare, "ratio_to_bare": _ratio(value, bare), "detail": detail,
+    }  # fmt: skip
+    if not passed and held is not None:
+        if op == "<=":
+            entry["miss_by"] = held - limit
+            entry["miss_by_factor"] = held / limit
+        else:
+            entry["miss_by"] = limit - held
+            entry["miss_by_pct"] = 100.0 * (limit - held) / limit
+    return entry
+
+
+def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
+    s = results["scale"]
+    bare, main, exp = results["bare"], results["main"], results["expiry"]
+    echo = bare["echo"]["rate"]
+    cpc = results["cpu_per_change"]
+    t = [
+        _target(
+            "watch_p99_small", f"WatchSession delivery p99, {s['small']:,} streams, {s['change_rate']:,.0f} changes/s",
+            _get(main, "latency_small", "latency_ms", "p99"), "ms", "<=", 5.0,
+            bare=_get(bare, "latency_small", "latency_ms", "p99"),
+        ),  # fmt: skip
+        _target(
+            "watch_p99_large", f"WatchSession delivery p99, {s['large']:,} streams, {s['change_rate']:,.0f} changes/s",
+            _get(main, "latency_large", "latency_ms", "p99"), "ms", "<=", 10.0,
+            bare=_get(bare, "latency_large", "latency_ms", "p99"),
+        ),  # fmt: skip
+        _target(
+            "memory_per_stream", f"server memory per idle stream ({s['large']:,} streams)",
+            main["memory"]["per_stream_bytes"] / KB, "KB", "<=", 50.0, bare=bare["memory"]["per_stream_bytes"] / KB,
+        ),  # fmt: skip
+        _target(
+            "changes_0", f"status changes/s at {s['inflight']} in flight, 0 watchers (vs 0.75 x bare echo)",
+            main["change_0"]["rate"], "/s", ">=", 0.75, compare=_ratio(main["change_0"]["rate"], echo), bare=echo,
+            detail="compared: changes/s divided by the bare echo RPC rate",
+        ),  # fmt: skip
+        _target(
+            "changes_w", f"status changes/s at {s['inflight']} in flight, {s['small']:,} watchers (vs 0.75 x bare echo)",
+            main["change_w"]["rate"], "/s", ">=", 0.75, compare=_ratio(main["change_w"]["rate"], echo), bare=echo,
+            detail="compared: changes/s divided by the bare echo RPC rate",
+        ),  # fmt: skip
+        _target("expiry_lag_p99", "expiry lag p99 (event_time - expire_time), sessions spread in time",
+                _get(exp, "lag", "expiry_lag_ms", "p99"), "ms", "<=", 50.0),  # fmt: skip
+        _target(
+            "storm_delivered", f"expiry storm: {s['storm']:,} sessions, first deadline -> last EXPIRED delivered",
+            _get(exp, "storm", "delivered_s_from_first_deadline"), "s", "<=", 3.0,
+        ),  # fmt: skip
+        _target(
+            "streaming_vs_polling", "server CPU per change learned: 1 s polling / streaming",
+            cpc["ratio_learning"], "x", ">=", 100.0,
+            detail="learning CPU: server CPU with the learners minus the same change load with none",
+        ),  # fmt: skip
+    ]
+    return t
+
+
+def _fmt(v: Any, digits: int = 1) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, (int, float)):
+        if math.isinf(v):
+            return "inf"
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        if abs(v) >= 100:
+            return f"{v:.0f}"
+        return f"{v:.{digits}f}" if abs(v) >= 1 or v == 0 else f"{v:.{max(digits, 2)}f}"
+    return str(v)
+
+
+def _gc_fact(window: dict[str, Any] | None, what: str) -> str | None:
+    gc = (window or {}).get("gc")
+    if not gc:
+        return None
+    total = sum(gc["ms_by_generation"])
+    return (
+        f"garbage collector during {what}: {total:.0f} ms over {window['seconds']:.1f} s "
+        f"({sum(gc['collections_by_generation']):,} collections, gen0/1/2 {gc['collections_by_generation']}), "
+        f"longest pause {gc['longest_pause_ms']:.0f} ms, {gc['pauses_over_10ms']} pauses >= 10 ms, {gc['pauses_over_50ms']} >= 50 ms"
+    )
+
+
+def notes_for(target: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
+    """Facts for a missed target: by how much, the load around it, and py-spy's top frames if profiled."""
+    main, bare = results["main"], results["bare"]
+    profiles = results.get("profiles", {})
+    key = target["key"]
+    facts: list[str] = []
+    if "miss_by_factor" in target:
+        facts.append(f"missed by {_fmt(target['miss_by'], 2)} {target['unit']} ({target['miss_by_factor']:.2f}x the target)")
+    elif "miss_by_pct" in target:
+        facts.append(f"missed by {_fmt(target['miss_by'], 3)} ({target['miss_by_pct']:.0f}% short of the target)")
+    profile_key = None
+    if key in ("watch_p99_small", "watch_p99_large"):
+        size = "small" if key.endswith("small") else "large"
+        run, brun = main[f"latency_{size}"], bare[f"latency_{size}"]
+        lat, blat = run["latency_ms"], brun["latency_ms"]
+        facts.append(
+            f"p50 {_fmt(lat['p50'], 2)} ms / p99 {_fmt(lat['p99'], 2)} ms / max {_fmt(lat['max'], 1)} ms against the bare "
+            f"grpc.aio stream's p50 {_fmt(blat['p50'], 2)} / p99 {_fmt(blat['p99'], 2)} / max {_fmt(blat['max'], 1)} ms "
+            f"at the same stream count and rate"
+        )
+        facts.append(
+            f"server CPU {run['window']['server_cpu_pct_of_core']:.0f}% of a core, machine {run['window']['machine_busy_pct']:.0f}% "
+            f"busy during the run (bare: {brun['window']['server_cpu_pct_of_core']:.0f}% / {brun['window']['machine_busy_pct']:.0f}%)"
+        )
+        half = main.get(f"latency_{size}_half_rate")
+        if half:
+            hl = half["latency_ms"]
+            facts.append(
+                f"at half the rate ({half['rate']:,.0f} changes/s, same streams): p50 {_fmt(hl['p50'], 2)} / p99 {_fmt(hl['p99'], 2)} / "
+                f"max {_fmt(hl['max'], 1)} ms, server CPU {half['window']['server_cpu_pct_of_core']:.0f}% of a core"
+            )
+        facts.append("latency runs from event_time, read by the writer before COMMIT, so it includes the fsync of each group commit")
+        facts.append(_gc_fact(run["window"], "the run"))
+        profile_key = f"watch_latency_{size}"
+    elif key in ("changes_0", "changes_w"):
+        run = main["change_0" if key == "changes_0" else "change_w"]
+        facts.append(
+            f"{_fmt(run['rate'])} changes/s against {_fmt(bare['echo']['rate'])} bare echo RPCs/s; server CPU "
+            f"{run['window']['server_cpu_pct_of_core']:.0f}% of a core (bare echo: {bare['echo']['window']['server_cpu_pct_of_core']:.0f}%), "
+            f"machine {run['window']['machine_busy_pct']:.0f}% busy"
+        )
+        facts.append(_gc_fact(run["window"], "the run"))
+        profile_key = "status_changes"
+    elif key == "memory_per_stream":
+        facts.append(
+            f"bare grpc.aio holds {bare['memory']['per_stream_bytes'] / KB:.1f} KB per idle stream of that "
+            f"(RSS before/after opening, same client setup)"
+        )
+    elif key == "storm_delivered":
+        st = results["expiry"]["storm"]
+        facts.append(
+            f"deadlines spread {st['deadline_spread_ms']['full']:.0f} ms (first to last); last EXPIRED delivered "
+            f"{_fmt(st['delivered_s_from_last_deadline'], 2)} s after the last deadline; expiry lag p50 "
+            f"{_fmt(st['expiry_lag_ms']['p50'])} / p99 {_fmt(st['expiry_lag_ms']['p99'])} ms; delivery after the deadline "
+            f"p50 {_fmt(st['delivery_after_deadline_ms']['p50'])} / p99 {_fmt(st['delivery_after_deadline_ms']['p99'])} ms"
+        )
+        facts.append(
+            f"server CPU {st['window_until_delivered']['server_cpu_pct_of_core']:.0f}% of a core from the watches' opening "
+            f"until the last delivery"
+        )
+        facts.append(_gc_fact(st["window_until_delivered"], "that time"))
+        profile_key = "expiry_storm"
+    elif key == "expiry_lag_p99":
+        lag = results["expiry"]["lag"]
+        facts.append(f"lag p50 {_fmt(lag['expiry_lag_ms']['p50'])} / max {_fmt(lag['expiry_lag_ms']['max'])} ms")
+        if "late_during_gc_pause" in lag:
+            facts.append(
+                f"{len(lag['late'])} sessions expired more than 50 ms late; {lag['late_during_gc_pause']} of them had a "
+                f"garbage-collector pause of >= 5 ms between their expire_time and their EXPIRED event"
+            )
+        facts.append(_gc_fact(lag.get("window"), "the run"))
+        profile_key = "expiry_lag"
+    elif key == "streaming_vs_polling":
+        cpc = results["cpu_per_change"]
+        p = results["polling"]
+        facts.append(
+            f"one change per session every {p['change_every_s']:.0f} s on average, so a 1 s poller makes about "
+            f"{p['change_every_s'] / p['poll_interval_s']:.0f} polls per change learned"
+        )
+        facts.append(
+            f"learning CPU per change: polling {cpc['polling']['learning_cpu_ms_per_change']:.2f} ms, streaming "
+            f"{cpc['streaming']['learning_cpu_ms_per_change']:.3f} ms; with the writes included "
+            f"{cpc['polling']['cpu_ms_per_change']:.2f} ms against {cpc['streaming']['cpu_ms_per_change']:.2f} ms "
+            f"({cpc['ratio_total']:.1f}x)"
+        )
+        profile_key = "polling"
+    note: dict[str, Any] = {"facts": [f for f in facts if f]}
+    found = profiles.get(profile_key) if profile_key else None
+    if found and found.get("samples"):
+        note["profile"] = {
+            "workload": profile_key,
+            "tool": f"py-spy record --gil --native, {found['rate_hz']} Hz for {found['seconds']:.0f} s during a re-run "
+                    "of the same workload; shares are of samples where a server thread held the GIL",
+            "samples": found["samples"],
+            "top_self": found["top_self"],
+            "top_inclusive": found["top_inclusive"],
+        }
+        if profile_key == "polling" and profiles.get("streaming", {}).get("samples"):
+            other = profiles["streaming"]
+            note["profile"]["streaming_top_self"] = other["top_self"]
+            note["profile"]["streaming_top_inclusive"] = other["top_inclusive"]
+    return note
+
+
+def table(results: dict[str, Any], targets: list[dict[str, Any]]) -> str:
+    s = results["scale"]
+    bare, main, exp, cpc = results["bare"], results["main"], results["expiry"], results["cpu_per_change"]
+    by_key = {t["key"]: t for t in targets}
+
+    def verdict(key: str) -> str:
+        t = by_key[key]
+        if t["pass"]:
+            return "pass"
+        if "miss_by_factor" in t:
+            return f"**miss** ({t['miss_by_factor']:.1f}x)"
+        if "miss_by_pct" in t:
+            return f"**miss** ({t['miss_by_pct']:.0f}% short)"
+        return "**miss**"
+
+    rows: list[tuple[str, str, str, str, str, str]] = []
+
+    def lat_row(label: str, ours: dict[str, Any], theirs: dict[str, Any], key: str, target: str) -> None:
+        o, b = ours["latency_ms"], theirs["latency_ms"]
+        rows.append((
+            label,
+            f"{_fmt(o['p50'], 2)} / {_fmt(o['p99'], 2)} / {_fmt(o['max'])}",
+            f"{_fmt(b['p50'], 2)} / {_fmt(b['p99'], 2)} / {_fmt(b['max'])}",
+            f"{_fmt(_ratio(o['p99'], b['p99']))}x (p99)", target, verdict(key),
+        ))  # fmt: skip
+
+    lat_row(f"Watch delivery p50/p99/max ms, {s['small']:,} streams, {s['change_rate']:,.0f} changes/s",
+            main["latency_small"], bare["latency_small"], "watch_p99_small", "p99 ≤ 5 ms")  # fmt: skip
+    lat_row(f"Watch delivery p50/p99/max ms, {s['large']:,} streams, {s['change_rate']:,.0f} changes/s",
+            main["latency_large"], bare["latency_large"], "watch_p99_large", "p99 ≤ 10 ms")  # fmt: skip
+    m, bm = main["memory"]["per_stream_bytes"] / KB, bare["memory"]["per_stream_bytes"] / KB
+    rows.append((f"Server memory per idle stream (KB, {s['large']:,} streams)", _fmt(m), _fmt(bm),
+                 f"{_fmt(_ratio(m, bm))}x", "≤ 50 KB", verdict("memory_per_stream")))  # fmt: skip
+    i, bi = main["idle"], bare["idle"]
+    rows.append((
+        f"Server CPU, {s['large']:,} idle streams (CPU-s per {s['idle_window']:.0f} s)",
+        f"{i['server_cpu_s']:.2f} ({i['server_cpu_pct_of_core']:.1f}% core)",
+        f"{bi['server_cpu_s']:.2f} ({bi['server_cpu_pct_of_core']:.1f}% core)",
+        f"{_fmt(_ratio(i['server_cpu_s'], bi['server_cpu_s']))}x", "—", "—",
+    ))  # fmt: skip
+    echo = bare["echo"]["rate"]
+    for key, label in (("create_0", "Sessions created/s, 0 watchers"), ("create_w", f"Sessions created/s, {s['small']:,} watchers")):
+        r = main[key]["rate"]
+        rows.append((f"{label} ({s['inflight']} in flight)", _fmt(r), f"{_fmt(echo)} (echo)", f"{_ratio(r, echo):.2f}x", "—", "—"))
+    for key, label in (("changes_0", "Status changes/s, 0 watchers"), ("changes_w", f"Status changes/s, {s['small']:,} watchers")):
+        r = by_key[key]["value"]
+        rows.append((f"{label} ({s['inflight']} in flight)", _fmt(r), f"{_fmt(echo)} (echo)", f"{_ratio(r, echo):.2f}x",
+                     "≥ 0.75x echo", verdict(key)))  # fmt: skip
+    st = exp["storm"]
+    rows.append((
+        f"Expiry storm, {st['sessions']:,} sessions, deadlines within {st['deadline_spread_ms']['full']:.0f} ms: "
+        f"first deadline → all EXPIRED delivered (s)",
+        _fmt(st["delivered_s_from_first_deadline"], 2), "—", "—", "≤ 3 s", verdict("storm_delivered"),
+    ))  # fmt: skip
+    lag = exp["lag"]["expiry_lag_ms"]
+    rows.append((f"Expiry lag p50/p99/max ms ({exp['lag']['sessions']:,} sessions over {exp['lag']['spread_s']:.0f} s)",
+                 f"{_fmt(lag['p50'])} / {_fmt(lag['p99'])} / {_fmt(lag['max'])}", "—", "—", "p99 ≤ 50 ms",
+                 verdict("expiry_lag_p99")))  # fmt: skip
+    p = results["polling"]
+    bl = bare["latency_small"]["latency_ms"]
+    for mode, label in (("polling", "GetSession every 1 s"), ("streaming", "WatchSession")):
+        st_ms = p[mode]["staleness_ms"]
+        c = cpc[mode]
+        rows.append((
+            f"{p['clients']:,} clients by {label}: staleness p50/p99 ms; server CPU-s/min (learning only)",
+            f"{_fmt(st_ms['p50'])} / {_fmt(st_ms['p99'])}; {c['cpu_s_per_minute']:.1f} ({c['learning_cpu_s_per_minute']:.1f})",
+            f"{_fmt(bl['p50'], 2)} / {_fmt(bl['p99'], 2)} (stream)" if mode == "streaming" else "—",
+            f"{_fmt(_ratio(st_ms['p99'], bl['p99']))}x (p99)" if mode == "streaming" else "—", "—", "—",
+        ))  # fmt: skip
+    rows.append((
+        "Server CPU per change learned, polling / streaming (learning only; with writes)",
+        f"{cpc['ratio_learning']:.0f}x; {cpc['ratio_total']:.1f}x", "—", "—", "≥ 100x", verdict("streaming_vs_polling"),
+    ))  # fmt: skip
+    rows.append(("Bare echo RPC rate at 64 in flight (/s)", "—", _fmt(echo), "—", "—", "—"))
+    header = ("Measurement", "flowsession", "bare grpc.aio", "ours / bare", "Target", "Result")
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def markdown(results: dict[str, Any], targets: list[dict[str, Any]]) -> str:
+    m = results["machine"]
+    missed = [t for t in targets if not t["pass"]]
+    head = (
+        f"# flowsession benchmark, {results['date']}{' (quick)' if results['scale']['quick'] else ''}\n\n"
+        f"{m['nproc']} cores ({m['cpu_model']}), Python {m['python']}, grpcio {m['grpcio']}, SQLite {m['sqlite']}, "
+        f"synchronous=FULL on {m['db_filesystem']}; server and clients share the cores. "
+        f"Run took {results['duration_s']:.0f} s. Targets met: {len(targets) - len(missed)} of {len(targets)}.\n\n"
+    )
+    return head + table(results, targets) + "\n"
+
+
+def chart(results: dict[str, Any], targets: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = results["scale"]
+    by_key = {t["key"]: t for t in targets}
+    fig, axes = plt.subplots(2, 4, figsize=(18, 8.5))
+    ours_c, bare_c, poll_c = "#3b6fb6", "#a0a0a0", "#e08a2c"
+
+    def panel(ax: Any, key: str, title: str, bars: list[tuple[str, float | None, str]], limit: float | None,
+              unit: str, log: bool = False, limit_label: str = "target") -> None:  # fmt: skip
+        labels = [b[0] for b in bars]
+        values = [b[1] or 0.0 for b in bars]
+        colors = [b[2] for b in bars]
+        ax.bar(labels, values, color=colors)
+        for x, v in enumerate(values):
+            ax.annotate(_fmt(v, 2), (x, v), ha="center", va="bottom", fontsize=9)
+        if limit is not None:
+            ax.axhline(limit, color="#c0392b", linestyle="--", linewidth=1.5, label=f"{limit_label} {_fmt(limit, 2)}")
+            ax.legend(loc="best", fontsize=8)
+        if log:
+            ax.set_yscale("log")
+        ok = by_key[key]["pass"] if key in by_key else None
+        mark = "" if ok is None else ("  [pass]" if ok else "  [MISS]")
+        ax.set_title(title + mark, fontsize=10, color="black" if ok in (None, True) else "#c0392b")
+        ax.set_ylabel(unit)
+        ax.tick_params(axis="x", labelsize=8)
+
+    main, bare, exp, cpc = results["main"], results["bare"], results["expiry"], results["cpu_per_change"]
+    for ax, size, key, limit in (
+        (axes[0][0], "small", "watch_p99_small", 5.0),
+        (axes[0][1], "large", "watch_p99_large", 10.0),
+    ):
+        o, b = main[f"latency_{size}"]["latency_ms"], bare[f"latency_{size}"]["latency_ms"]
+        panel(ax, key, f"watch delivery, {s[size]:,} streams, {s['change_rate']:,.0f}/s",
+              [("ours p50", o["p50"], ours_c), ("ours p99", o["p99"], ours_c), ("bare p50", b["p50"], bare_c),
+               ("bare p99", b["p99"], bare_c)], limit, "ms (log)", log=True)  # fmt: skip
+    panel(axes[0][2], "memory_per_stream", "memory per idle stream",
+          [("ours", main["memory"]["per_stream_bytes"] / KB, ours_c), ("bare", bare["memory"]["per_stream_bytes"] / KB, bare_c)],
+          50.0, "KB")  # fmt: skip
+    echo = bare["echo"]["rate"]
+    panel(axes[0][3], "changes_0", f"durable throughput, {s['inflight']} in flight",
+          [("created/s\n0 w", main["create_0"]["rate"], ours_c), ("changes/s\n0 w", main["change_0"]["rate"], ours_c),
+           (f"created/s\n{s['small']:,} w", main["create_w"]["rate"], ours_c),
+           (f"changes/s\n{s['small']:,} w", main["change_w"]["rate"], ours_c),
+           ("bare echo", echo, bare_c)], 0.75 * echo, "calls/s", limit_label="0.75 x echo")  # fmt: skip
+    st = exp["storm"]
+    panel(axes[1][0], "storm_delivered", f"expiry storm, {st['sessions']:,} sessions",
+          [("first deadline\n-> all delivered", st["delivered_s_from_first_deadline"], ours_c),
+           ("last deadline\n-> all delivered", st["delivered_s_from_last_deadline"], ours_c)], 3.0, "s")  # fmt: skip
+    lag = exp["lag"]["expiry_lag_ms"]
+    panel(axes[1][1], "expiry_lag_p99", "expiry lag (spread sessions)",
+          [("p50", lag["p50"], ours_c), ("p99", lag["p99"], ours_c), ("max", lag["max"], ours_c)], 50.0, "ms")  # fmt: skip
+    p = results["polling"]
+    panel(axes[1][2], "", f"staleness, {p['clients']:,} clients",
+          [("poll p50", p["polling"]["staleness_ms"]["p50"], poll_c), ("poll p99", p["polling"]["staleness_ms"]["p99"], poll_c),
+           ("stream p50", p["streaming"]["staleness_ms"]["p50"], ours_c),
+           ("stream p99", p["streaming"]["staleness_ms"]["p99"], ours_c)], None, "ms", log=True)  # fmt: skip
+    panel(axes[1][3], "streaming_vs_polling", f"CPU per change learned: ratio {cpc['ratio_learning']:.0f}x (≥ 100x)",
+          [("poll\nlearning", cpc["polling"]["learning_cpu_ms_per_change"], poll_c),
+           ("stream\nlearning", max(cpc["streaming"]["learning_cpu_ms_per_change"], 1e-3), ours_c),
+           ("poll\ntotal", cpc["polling"]["cpu_ms_per_change"], poll_c),
+           ("stream\ntotal", cpc["streaming"]["cpu_ms_per_change"], ours_c)], None, "CPU ms per change", log=True)  # fmt: skip
+    m = results["machine"]
+    fig.suptitle(
+        f"flowsession bench {results['date']}{' (quick)' if s['quick'] else ''} — {m['nproc']} cores, Python {m['python']}, "
+        f"grpcio {m['grpcio']}; red dashed line = target; blue = flowsession, grey = bare grpc.aio, orange = 1 s polling",
+        fontsize=12,
+    )
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp.replace(path)
