@@ -1,6 +1,7 @@
 """Proto <-> domain conversion. No rules here: only shapes."""
 from __future__ import annotations
 
+from collections import OrderedDict
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -120,7 +121,33 @@ def struct_to_dict(value: struct_pb2.Struct) -> dict[str, Any]:
     return json_format.MessageToDict(value)
 
 
+class _Recent:
+    """The protos of recently converted sessions. (session_id, version) names one immutable state, and a
+    change is converted for its RPC answer and again for its watch event: keeping it converts it once."""
+
+    def __init__(self, capacity: int = 4096):
+        self._capacity = capacity
+        self._items: OrderedDict[tuple[str, int], session_pb2.Session] = OrderedDict()
+
+    def get(self, s: Session) -> session_pb2.Session:
+        key = (s.session_id, s.version)
+        found = self._items.get(key)
+        if found is None:
+            found = self._items[key] = _session_pb(s)
+            if len(self._items) > self._capacity:
+                self._items.popitem(last=False)
+        return found
+
+
+_recent = _Recent()
+
+
 def session_pb(s: Session) -> session_pb2.Session:
+    """Shared: callers embed it in a message (which copies it) and never modify it."""
+    return _recent.get(s)
+
+
+def _session_pb(s: Session) -> session_pb2.Session:
     pb = session_pb2.Session(
         session_id=s.session_id,
         flow_id=s.flow_id,
