@@ -227,9 +227,7 @@ def expire_due(limit: int, now: datetime) -> Command:
 
     def run(conn: sqlite3.Connection) -> Done[int]:
         events = []
-        for session_id in reads.due_session_ids(conn, codec.to_us(now), limit):
-            session = reads.get_session(conn, session_id)
-            assert session is not None
+        for session in reads.due_sessions(conn, codec.to_us(now), limit):
             events.append(_apply(conn, session, lifecycle.expire(session, now=now)))
         return Done(len(events), events)
 

@@ -173,12 +173,13 @@ def next_expiry_us(conn: sqlite3.Connection) -> int | None:
     return row["due"]
 
 
-def due_session_ids(conn: sqlite3.Connection, now_us: int, limit: int) -> list[str]:
+def due_sessions(conn: sqlite3.Connection, now_us: int, limit: int) -> list[Session]:
     rows = conn.execute(
-        "SELECT session_id FROM sessions WHERE status = 'RUNNING' AND expire_us <= ? ORDER BY expire_us LIMIT ?",
+        "SELECT session_id, input, body FROM sessions WHERE status = 'RUNNING' AND expire_us <= ? "
+        "ORDER BY expire_us LIMIT ?",
         [now_us, limit],
     )
-    return [r["session_id"] for r in rows]
+    return [codec.session_from_body(r["session_id"], r["body"], r["input"]) for r in rows]
 
 
 class Reader:
