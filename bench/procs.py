@@ -11,8 +11,11 @@ import ctypes
 import itertools
 import json
 import os
+import random
 import signal
+import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -108,10 +111,13 @@ class ServerProc(Child):
 
     address: str
     gc_path: Path | None = None
+    listening_us: int = 0  # wall clock (µs) when its "listening on" line was read
+    started_s: float = 0.0  # spawn -> that line
     _drain: asyncio.Task[None]
 
     @classmethod
     async def start(cls, procs: Processes, name: str, argv: list[str]) -> ServerProc:
+        t0 = time.monotonic()
         base = await procs.spawn(name, argv, stdout=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
         self = cls(base.name, base.proc, base.log_path)
         procs.children[-1] = self
@@ -120,6 +126,8 @@ class ServerProc(Child):
             line = await asyncio.wait_for(self.proc.stdout.readline(), READY_TIMEOUT)
         except TimeoutError:
             line = b""
+        self.listening_us = time.time_ns() // 1000
+        self.started_s = time.monotonic() - t0
         text = line.decode(errors="replace").strip()
         if not text.startswith("listening on "):
             await self.stop(2)
@@ -143,9 +151,31 @@ def _probed(gc_path: Path, module: str) -> list[str]:
     return [sys.executable, "-m", "bench.gc_probe", str(gc_path), module]
 
 
-async def start_flowsession(procs: Processes, db: Path, *extra: str) -> ServerProc:
-    gc_path = db.with_suffix(".gc.jsonl")
-    argv = [*_probed(gc_path, "flowsession_server"), "serve", "--address", "127.0.0.1:0", "--db", str(db)]
+def free_port() -> int:
+    """A loopback port nothing is bound to, below the ephemeral range (so no client socket of this run
+    takes it as its local port while the server on it is down between a stop and a start)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(200):
+        port = random.randrange(max(1025, low - 12_000), low)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # fall back to one the kernel picks
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def start_flowsession(
+    procs: Processes, db: Path, *extra: str, address: str = "127.0.0.1:0", gc_path: Path | None = None
+) -> ServerProc:
+    gc_path = gc_path or db.with_suffix(".gc.jsonl")
+    argv = [*_probed(gc_path, "flowsession_server"), "serve", "--address", address, "--db", str(db)]
     server = await ServerProc.start(procs, "flowsession", [*argv, "--log-level", "WARNING", *extra])
     server.gc_path = gc_path
     return server

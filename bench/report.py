@@ -35,6 +35,17 @@ METHOD = {
     "newly seen version (polling) or receipt - event_time (streaming); learning CPU = server CPU during the window "
     "minus the mean of the same change load with no clients, run before and after",
     "profiles": "only for missed targets: py-spy record --gil --native on the server during a re-run of the workload",
+    "restart": "a server on a fixed loopback port (picked free, below the ephemeral range) with one WatchSession per "
+    "RUNNING session, opened by facade-style followers (bench/worker.py _follow: resumes on what "
+    "flowsession.client._resumable resumes on, after the status's RetryInfo delay or else flowsession.client._backoff, "
+    "wait_for_ready=True, no deadline, gives up on anything else as the facade raises it), all live; then SIGTERM, "
+    "and once it has exited a new server on the same port and database; every watcher's channel reconnects by itself "
+    "(gRPC's connection backoff). A watcher is back at the first message of a re-open after its stream was ended; "
+    "re-opens ask for after_version = last - 1 so the server replays the boundary event (exactly version last, "
+    "checked, dropped as the facade drops version <= last) rather than sending nothing until the next change or the "
+    "30 s heartbeat. Failed re-opens counted by status code and ErrorInfo reason (a code alone: no ErrorInfo, i.e. "
+    "not from flowsession's code). Then one ReportStepResult on each of 1,000 sessions (100 quick): each of their "
+    "watchers must get exactly the version the write returned, the other watchers nothing",
 }
 
 
@@ -146,7 +157,30 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
             detail="learning CPU: server CPU with the learners minus the same change load with none",
         ),  # fmt: skip
     ]
+    if "restart" in results:
+        t.append(restart_target(results))
     return t
+
+
+def restart_target(results: dict[str, Any]) -> dict[str, Any]:
+    """All watchers back after the restart, and no CANCELLED among their stream ends and failed re-opens."""
+    s = results["scale"]
+    phase = results["restart"]
+    r = phase.get("restart") or {}
+    streams = r.get("streams") or s["large"]
+    entry = _target(
+        "restart_all_back", f"{streams:,} watchers back after a restart: all, with no bare CANCELLED",
+        r.get("back"), "streams", ">=", float(streams),
+        detail="value: watchers back (first message of a re-open) within the phase's bound; also fails on any "
+               "CANCELLED stream end or re-open (the client facade raises CANCELLED instead of resuming)",
+    )  # fmt: skip
+    entry["cancelled"] = r.get("cancelled")
+    if r.get("cancelled"):
+        entry["pass"] = False
+    if "error" in phase:
+        entry["pass"] = False
+        entry["error"] = phase["error"]
+    return entry
 
 
 def _fmt(v: Any, digits: int = 1) -> str:
@@ -263,6 +297,8 @@ def notes_for(target: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]
             f"({cpc['ratio_total']:.1f}x)"
         )
         profile_key = "polling"
+    elif key == "restart_all_back":
+        facts.extend(_restart_facts(results, target))
     note: dict[str, Any] = {"facts": [f for f in facts if f]}
     found = profiles.get(profile_key) if profile_key else None
     if found and found.get("samples"):
@@ -281,6 +317,45 @@ def notes_for(target: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]
     return note
 
 
+def _counts(counts: dict[str, int] | None, limit: int = 4) -> str:
+    if not counts:
+        return "none"
+    items = sorted(counts.items(), key=lambda kv: -kv[1])
+    text = ", ".join(f"{k} {v:,}" for k, v in items[:limit])
+    return text + (f", {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _restart_facts(results: dict[str, Any], target: dict[str, Any]) -> list[str]:
+    phase = results["restart"]
+    if "error" in phase:
+        return [f"the phase failed: {phase['error']}"]
+    r = phase["restart"]
+    facts = [
+        f"{r['back']:,} of {r['streams']:,} watchers back; given up (the facade would have raised): {_counts(r['lost'])}; "
+        f"ended but not back within {r['timeout_s']:.0f} s: {r['broke_not_back']:,}; never ended by the restart: {r['never_broke']:,}",
+        f"CANCELLED: {r['cancelled']:,} (stream ends: {_counts(r['stream_ends'])}; failed re-opens: {_counts(r['reopen_failures'])})",
+    ]
+    for k, v in (r.get("error_samples") or {}).items():
+        facts.append(f"a status without ErrorInfo, {k}: {v}")
+    when = r.get("reopen_failures_when") or {}
+    if when:
+        facts.append("failed re-opens, when: " + "; ".join(
+            f"{k}: {w['before_old_exit']:,} before the old server exited, {w['between']:,} in between, "
+            f"{w['after_new_listening']:,} after the new one was listening" for k, w in when.items()))  # fmt: skip
+    if "CANCELLED" in r["reopen_failures"] or "CANCELLED" in r["stream_ends"]:  # no ErrorInfo: not ours
+        facts.append(
+            "a CANCELLED without ErrorInfo never reached flowsession's code: grpc core cancels calls that arrive while "
+            "more than grpc.server.max_pending_requests (default 1,000; random early rejection up to "
+            "grpc.server.max_pending_requests_hard_limit, default 3,000) are waiting for the application to pick them up"
+        )
+    facts.append(
+        f"old server: SIGTERM -> exit {_fmt(r['old_server']['sigterm_to_exit_s'], 2)} s (exit code {r['old_server']['exit_code']}); "
+        f"new server listening {_fmt(r['new_server']['sigterm_to_listening_s'], 2)} s after the SIGTERM; channels READY "
+        f"{_fmt(r['channels_ready_s_after_listening']['min'], 2)}-{_fmt(r['channels_ready_s_after_listening']['max'], 2)} s after that"
+    )
+    return facts
+
+
 def table(results: dict[str, Any], targets: list[dict[str, Any]]) -> str:
     s = results["scale"]
     bare, main, exp, cpc = results["bare"], results["main"], results["expiry"], results["cpu_per_change"]
@@ -290,6 +365,10 @@ def table(results: dict[str, Any], targets: list[dict[str, Any]]) -> str:
         t = by_key[key]
         if t["pass"]:
             return "pass"
+        if t.get("error"):
+            return "**miss** (phase failed)"
+        if t.get("cancelled"):
+            return f"**miss** ({t['cancelled']:,} CANCELLED)"
         if "miss_by_factor" in t:
             return f"**miss** ({t['miss_by_factor']:.1f}x)"
         if "miss_by_pct" in t:
@@ -354,11 +433,44 @@ def table(results: dict[str, Any], targets: list[dict[str, Any]]) -> str:
         "Server CPU per change learned, polling / streaming (learning only; with writes)",
         f"{cpc['ratio_learning']:.0f}x; {cpc['ratio_total']:.1f}x", "—", "—", "≥ 100x", verdict("streaming_vs_polling"),
     ))  # fmt: skip
+    if "restart" in results:
+        rows.extend(_restart_rows(results, verdict("restart_all_back")))
     rows.append(("Bare echo RPC rate at 64 in flight (/s)", "—", _fmt(echo), "—", "—", "—"))
     header = ("Measurement", "flowsession", "bare grpc.aio", "ours / bare", "Target", "Result")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def _restart_rows(results: dict[str, Any], verdict: str) -> list[tuple[str, str, str, str, str, str]]:
+    s = results["scale"]
+    phase = results["restart"]
+    streams = (phase.get("restart") or {}).get("streams") or s["large"]
+    label = f"Restart with {streams:,} watchers (SIGTERM, new server on the same port and database)"
+    if "error" in phase:
+        return [(label, f"phase failed: {phase['error'][:200]}", "—", "—", "all back, 0 CANCELLED", verdict)]
+    r, rc = phase["restart"], phase["resume_check"]
+    rec = r["reconnect_ms"]
+    rows = [
+        (
+            f"{label}: watchers back; new server listening → all back (s); per-stream reconnect p50/p99 (s)",
+            f"{r['back']:,} / {r['streams']:,}; {_fmt(r['all_back_s_after_listening'], 2)}; "
+            f"{_fmt((rec['p50'] or 0) / 1000, 2)} / {_fmt((rec['p99'] or 0) / 1000, 2)}",
+            "—", "—", "all back, 0 CANCELLED", verdict,
+        ),
+        (
+            "Restart: failed re-opens by status/reason; CANCELLED (stream ends and re-opens)",
+            f"{_counts(r['reopen_failures'])}; CANCELLED {r['cancelled']:,}", "—", "—", "—", "—",
+        ),
+        (
+            f"Restart: then one change to each of {rc['changes']:,} sessions: watchers that got exactly the next version",
+            f"{rc['exact']:,} / {rc['following']:,} still following"
+            + (f" ({rc['changes'] - rc['following']:,} given up)" if rc["following"] != rc["changes"] else "")
+            + f"; gaps {rc['gaps']}, dups {rc['dups']}, strays {rc['unchanged_with_events']}",
+            "—", "—", "all, no gap/dup", "verified" if rc["all_exact"] else "**gap/dup/missing**",
+        ),
+    ]  # fmt: skip
+    return rows
 
 
 def markdown(results: dict[str, Any], targets: list[dict[str, Any]]) -> str:
@@ -381,7 +493,9 @@ def chart(results: dict[str, Any], targets: list[dict[str, Any]], path: Path) ->
 
     s = results["scale"]
     by_key = {t["key"]: t for t in targets}
-    fig, axes = plt.subplots(2, 4, figsize=(18, 8.5))
+    restart = results.get("restart")
+    columns = 5 if restart else 4
+    fig, axes = plt.subplots(2, columns, figsize=(4.5 * columns, 8.5))
     ours_c, bare_c, poll_c = "#3b6fb6", "#a0a0a0", "#e08a2c"
 
     def panel(ax: Any, key: str, title: str, bars: list[tuple[str, float | None, str]], limit: float | None,
@@ -438,6 +552,25 @@ def chart(results: dict[str, Any], targets: list[dict[str, Any]], path: Path) ->
            ("stream\nlearning", max(cpc["streaming"]["learning_cpu_ms_per_change"], 1e-3), ours_c),
            ("poll\ntotal", cpc["polling"]["cpu_ms_per_change"], poll_c),
            ("stream\ntotal", cpc["streaming"]["cpu_ms_per_change"], ours_c)], None, "CPU ms per change", log=True)  # fmt: skip
+    if restart:
+        r = restart.get("restart")
+        if r:
+            rec = r["reconnect_ms"]
+            ready = r["channels_ready_s_after_listening"]["max"]
+            panel(axes[0][4], "restart_all_back", f"restart: {r['back']:,}/{r['streams']:,} watchers back",
+                  [("listening ->\nall back", r["all_back_s_after_listening"], ours_c),
+                   ("reconnect\np50", (rec["p50"] or 0) / 1000, ours_c), ("reconnect\np99", (rec["p99"] or 0) / 1000, ours_c),
+                   ("listening ->\nchannels READY", ready, bare_c)], None, "s")  # fmt: skip
+            fails = sorted(((k, v) for k, v in r["reopen_failures"].items() if k != "CANCELLED"), key=lambda kv: -kv[1])[:3]
+            bars = [(k.replace("/", "\n"), float(v), ours_c) for k, v in fails]
+            bars.append(("CANCELLED\n(all)", float(r["cancelled"]), "#c0392b"))
+            bars.append(("watchers\nnot back", float(r["streams"] - r["back"]), "#c0392b"))
+            panel(axes[1][4], "", "restart: failed re-opens by status", bars, None, "count")
+            axes[1][4].set_ylim(bottom=0, top=max(1.0, 1.15 * max(b[1] for b in bars)))
+        else:
+            axes[0][4].set_title("restart: phase failed  [MISS]", fontsize=10, color="#c0392b")
+            axes[0][4].text(0.02, 0.5, restart.get("error", "")[:300], wrap=True, fontsize=8, transform=axes[0][4].transAxes)
+            axes[1][4].axis("off")
     m = results["machine"]
     fig.suptitle(
         f"flowsession bench {results['date']}{' (quick)' if s['quick'] else ''} — {m['nproc']} cores, Python {m['python']}, "

@@ -8,6 +8,9 @@ Phases (each with its own server process and a fresh temporary database):
             1,000 streams with 1,000 changes/s, then created/s and changes/s with 1,000 watchers.
   expiry    a storm of 10,000 sessions sharing one expire_time, then expiry lag of sessions spread in time.
   polling   1,000 clients learning each change by GetSession every 1 s against WatchSession.
+  restart   a reconnect storm: 10,000 watchers on a server on a fixed port; SIGTERM it, start a new one on
+            the same port and database; every watcher resumes the way the client facade does; then one
+            change to each of 1,000 sessions checks that each watcher gets exactly the next version.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from typing import Any, Awaitable, Callable
 import psutil
 
 from . import gc_probe, profile, report, stats
-from .procs import Processes, ServerProc, WorkerProc, start_bare, start_flowsession
+from .procs import Processes, ServerProc, WorkerProc, free_port, start_bare, start_flowsession
 
 WATCH_CHANNELS = 4  # per watcher worker: 10,000 streams -> 1,250 per HTTP/2 connection
 DRIVER_CHANNELS = 2
@@ -51,6 +54,8 @@ class Scale:
     profile_seconds: float
     warmup: float  # seconds of load before the first throughput measurement on a server
     bare_payload: int  # padding bytes of each bare stream message (~ a SessionEvent's size)
+    restart_back_timeout: float = 60.0  # restart phase: how long the watchers get to come back
+
 
     @classmethod
     def full(cls) -> Scale:
@@ -67,6 +72,7 @@ class Scale:
             quick=True, small=100, large=1000, change_rate=100.0, latency_window=3.0, idle_window=3.0,
             throughput_window=3.0, inflight=64, storm=1000, lag_sessions=100, lag_spread=3.0, lag_timeout=1.0,
             pollers=100, poll_interval=1.0, poll_window=6.0, change_every=30.0, profile_seconds=2.0, warmup=0.5, bare_payload=400,
+            restart_back_timeout=15.0,
         )  # fmt: skip
 
 
@@ -113,6 +119,18 @@ class Window:
 def _mean_windows(windows: list[dict[str, float]]) -> dict[str, float]:
     """The mean of several windows' figures (their wall-clock spans stay with each window)."""
     return {k: sum(w[k] for w in windows) / len(windows) for k in windows[0] if k != "wall"}
+
+
+def _sum_counts(counts: Any) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for c in counts:
+        for k, v in c.items():
+            total[k] = total.get(k, 0) + v
+    return dict(sorted(total.items(), key=lambda kv: -kv[1]))
+
+
+def _fmt_s(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}"
 
 
 def split(items: list[Any], parts: int) -> list[list[Any]]:
@@ -631,6 +649,149 @@ class Bench:
         finally:
             await self.finish(server, out)
 
+    async def restart_phase(self) -> dict[str, Any]:
+        """Reconnect storm: ``scale.large`` watchers (one facade-style follower per session, bench/worker.py
+        ``_follow``) on a server on a fixed port; SIGTERM it (its watch streams end with UNAVAILABLE
+        SHUTTING_DOWN + RetryInfo 1 s), once it has exited start a new one on the same port and database,
+        and time every watcher's way back. Then one change to each of ``scale.small`` sessions: each of
+        their watchers must get exactly that version, the others nothing."""
+        s = self.scale
+        db = self.workdir / "restart.db"
+        address = f"127.0.0.1:{free_port()}"
+        out: dict[str, Any] = {"address": address, "streams": s.large}
+        old = await start_flowsession(self.procs, db, address=address, gc_path=self.workdir / "restart-old.gc.jsonl")
+        server = old
+        try:
+            await self.connect(old)
+            (flow_id,) = await self.drivers[0].call("create_flows", timeouts_s=[None])
+            created = await self.closed("create_sessions", flow_id=flow_id, count=s.large)
+            ids = created.pop("ids")
+            if len(ids) < s.large:
+                raise RuntimeError(f"only {len(ids)} of {s.large} sessions created: {created['errors']}")
+            parts = split(ids, len(self.watchers))
+            t0 = time.monotonic()
+            opened = await asyncio.gather(
+                *(w.call("follow_open", ids=p, call_timeout=LONG) for w, p in zip(self.watchers, parts))
+            )
+            out["open"] = {"streams": sum(o["ready"] for o in opened), "seconds": time.monotonic() - t0,
+                           "initial_failures": _sum_counts(o["initial_failures"] for o in opened)}  # fmt: skip
+            if out["open"]["streams"] != s.large:
+                raise RuntimeError(f"only {out['open']['streams']} of {s.large} watchers live: {[o['lost'] for o in opened]}")
+            self.log(f"  {s.large} watchers live on {address}; restarting the server")
+            await self.all_watchers("follow_mark_restart")
+            sigterm_us = time.time_ns() // 1000
+            t0 = time.monotonic()
+            old_exit = await old.stop(grace=20.0)
+            old_stop_s = time.monotonic() - t0
+            server = new = await start_flowsession(
+                self.procs, db, address=address, gc_path=self.workdir / "restart-new.gc.jsonl"
+            )
+            win = Window(new.pid).start()
+            waits = await asyncio.gather(
+                *(w.call("follow_wait_back", timeout=s.restart_back_timeout, call_timeout=s.restart_back_timeout + 30)
+                  for w in self.watchers)
+            )  # fmt: skip
+            window = win.stop()
+            got = await self.all_watchers("follow_collect")
+            out["restart"] = self._restart_figures(got, waits, sigterm_us, old_exit, old_stop_s, new)
+            out["restart"]["window_until_back"] = window
+            r = out["restart"]
+            self.log(
+                f"  back: {r['back']} of {r['streams']} in {_fmt_s(r['all_back_s_after_listening'])} s after the new "
+                f"server's listening line; failed re-opens {r['reopen_failures']}; CANCELLED {r['cancelled']}"
+            )
+            # one change to each of scale.small sessions (spread over both watcher workers)
+            per = s.small // len(self.watchers)
+            sample = [i for p in parts for i in p[:per]]
+            await self.all_watchers("follow_mark_changes")
+            made = await self.drivers[0].call("report_each", ids=sample, inflight=32, call_timeout=LONG)
+            versions = made["versions"]
+            checks = await asyncio.gather(
+                *(w.call("follow_check", changed={i: versions[i] for i in p[:per] if i in versions}, timeout=30.0,
+                         call_timeout=60) for w, p in zip(self.watchers, parts))
+            )  # fmt: skip
+            out["resume_check"] = {
+                "changes": len(sample),
+                "writes_ok": len(versions),
+                "write_errors": made["errors"],
+                **{k: sum(c[k] for c in checks) for k in
+                   ("changed", "following", "exact", "missing", "wrong", "write_not_next_version", "unchanged_with_events",
+                    "gaps", "dups")},
+                "all_delivered": all(c["reached"] for c in checks),
+                "examples": [e for c in checks for e in c["examples"]][:5],
+            }  # fmt: skip
+            rc = out["resume_check"]
+            # every watcher still following got exactly the next version (the ones given up are the target's miss)
+            rc["all_exact"] = rc["exact"] == rc["following"] and not (
+                rc["missing"] or rc["wrong"] or rc["unchanged_with_events"] or rc["gaps"] or rc["dups"]
+            )
+            self.log(f"  after the restart: {rc['exact']} of {len(sample)} watchers got exactly the next version; "
+                     f"gaps {rc['gaps']}, dups {rc['dups']}")  # fmt: skip
+            await self.all_watchers("follow_close")
+            return out
+        finally:
+            await self.finish(server, out)
+            if server is not old:
+                await old.stop()
+                out["gc_total_old_server"] = gc_probe.window(gc_probe.load(str(old.gc_path)), 0.0, float("inf"))
+
+    def _restart_figures(
+        self, got: list[dict[str, Any]], waits: list[dict[str, Any]], sigterm_us: int, old_exit: int | None,
+        old_stop_s: float, new: ServerProc,
+    ) -> dict[str, Any]:  # fmt: skip
+        back_us = [t for g in got for t in g["back_us"]]
+        streams = sum(g["streams"] for g in got)
+        listening = new.listening_us
+        stream_ends = _sum_counts(g["stream_ends"] for g in got)
+        reopen_failures = _sum_counts(g["reopen_failures"] for g in got)
+        cancelled = sum(v for c in (stream_ends, reopen_failures) for k, v in c.items() if k.split("/")[0] == "CANCELLED")
+        ready_after: list[float] = []  # each channel: first READY after the new server's listening line
+        for g in got:
+            for transitions in g["channels"]:
+                ready = [t for state, t in transitions if state == "READY" and t >= listening]
+                if ready:
+                    ready_after.append((ready[0] - listening) / 1e6)
+        # when the failed re-opens happened: while the old server was still up, in the gap, or on the new one
+        old_exit_us = sigterm_us + int(old_stop_s * 1e6)
+        when: dict[str, dict[str, int]] = {}
+        for g in got:
+            for k, times in g["reopen_failure_us"].items():
+                w = when.setdefault(k, {"before_old_exit": 0, "between": 0, "after_new_listening": 0})
+                for t in times:
+                    w["before_old_exit" if t < old_exit_us else "after_new_listening" if t >= listening else "between"] += 1
+        broke = [g["broke_us_range"] for g in got]
+        first_broke = min((b[0] for b in broke if b[0]), default=None)
+        last_broke = max((b[1] for b in broke if b[1]), default=None)
+        return {
+            "streams": streams,
+            "back": len(back_us),
+            "all_back": len(back_us) == streams and all(w["reached"] for w in waits),
+            "lost": _sum_counts(g["lost"] for g in got),
+            "never_broke": sum(g["never_broke"] for g in got),
+            "broke_not_back": sum(g["broke_not_back"] for g in got),
+            "cancelled": cancelled,
+            "stream_ends": stream_ends,
+            "reopen_failures": reopen_failures,
+            "reopen_failures_total": sum(reopen_failures.values()),
+            "reopen_failures_when": when,
+            "error_samples": {k: v for g in got for k, v in g["samples"].items()},
+            "old_server": {"exit_code": old_exit, "sigterm_to_exit_s": old_stop_s},
+            "new_server": {"start_s": new.started_s, "sigterm_to_listening_s": (listening - sigterm_us) / 1e6},
+            "streams_broken_s_after_sigterm": [(first_broke - sigterm_us) / 1e6 if first_broke else None,
+                                               (last_broke - sigterm_us) / 1e6 if last_broke else None],  # fmt: skip
+            "all_back_s_after_listening": (max(back_us) - listening) / 1e6 if back_us else None,
+            "all_back_s_after_sigterm": (max(back_us) - sigterm_us) / 1e6 if back_us else None,
+            "back_after_listening_ms": stats.summary((t - listening) / 1000.0 for t in back_us),
+            "reconnect_ms": stats.summary(x for g in got for x in g["reconnect_ms"]),
+            "failed_reopens_per_stream": stats.summary(x for g in got for x in g["failed_reopens"]),
+            "channels_ready_s_after_listening": {"channels": len(ready_after), "min": min(ready_after, default=None),
+                                                 "max": max(ready_after, default=None)},  # fmt: skip
+            "gaps": sum(g["gaps"] for g in got),
+            "dups": sum(g["dups"] for g in got),
+            "resume_rules": got[0]["facade"] if got else None,
+            "timeout_s": self.scale.restart_back_timeout,
+        }
+
     async def run(self) -> dict[str, Any]:
         await self.start_workers()
         results: dict[str, Any] = {"scale": asdict(self.scale)}
@@ -638,6 +799,11 @@ class Bench:
         results["main"] = await self.timed("main", lambda: self.main_phase(results["bare"]["echo"]["rate"]), 300)
         results["expiry"] = await self.timed("expiry", lambda: self.expiry_phase(results["main"]["memory"]["opens_per_s"]), 240)
         results["polling"] = await self.timed("polling", self.polling_phase, 240)
+        try:  # a failed storm is a finding, not a reason to lose the other phases' figures
+            results["restart"] = await self.timed("restart", self.restart_phase, 120)
+        except Exception as exc:  # noqa: BLE001 - recorded; the target fails with it
+            self.log(f"phase restart failed: {exc!r}")
+            results["restart"] = {"error": repr(exc)[:2000]}
         results["phase_seconds"] = self.phase_seconds
         results["profiles"] = self.profiles
         return results

@@ -34,6 +34,20 @@ try:  # the client facade's keepalive settings, so the bench's channels behave l
 except ImportError:  # pragma: no cover - the facade is part of the same distribution
     KEEPALIVE_OPTIONS = []
 
+try:  # the facade's resume rules: which failures it resumes from, and its jittered exponential backoff
+    from flowsession.client import FlowsessionError, _backoff, _resumable
+
+    FACADE_RESUME = "flowsession.client (FlowsessionError.from_rpc_error, _resumable, _backoff)"
+except ImportError:  # pragma: no cover - the facade is part of the same distribution
+    FlowsessionError = None  # type: ignore[assignment,misc]
+    FACADE_RESUME = "bench fallback (facade not importable)"
+
+    def _backoff(attempt: int) -> float:
+        return random.uniform(0.0, min(5.0, 0.05 * 2 ** (attempt - 1)))
+
+    def _resumable(error: Any) -> bool:
+        return error.code is grpc.StatusCode.UNAVAILABLE or error.reason in ("WATCHER_TOO_SLOW", "TOO_MANY_WATCHERS")
+
 ENV = "live"
 RPC_TIMEOUT = 30.0
 OPEN_PENDING = 128  # per worker; the server sheds opens beyond its --max-opening-watchers (256) anyway
@@ -242,6 +256,29 @@ class Counter:
             return False
 
 
+class Follow:
+    """The state of one facade-style follower."""
+
+    __slots__ = ("session_id", "last", "live", "lost", "call", "task", "broke_us", "back_us", "failed_reopens",
+                 "gaps", "dups", "recording", "delivered", "version_at_mark")  # fmt: skip
+
+    def __init__(self, session_id: str):
+        self.session_id = session_id
+        self.last = 0  # the last version delivered
+        self.live = False  # the first open has answered
+        self.lost = ""  # why the watch ended for good (the facade would have raised), "" while it lives
+        self.call: Any = None
+        self.task: asyncio.Task[None] | None = None
+        self.broke_us: int | None = None  # the restart ended its live stream
+        self.back_us: int | None = None  # the first answer of a re-open after that
+        self.failed_reopens = 0
+        self.gaps = 0
+        self.dups = 0
+        self.recording = False
+        self.delivered: list[int] = []
+        self.version_at_mark = 0
+
+
 class Worker:
     def __init__(self) -> None:
         self.channels: list[grpc.aio.Channel] = []
@@ -265,9 +302,23 @@ class Worker:
         self.poll_stats: dict[str, Any] = {}
         self.learned = Counter()
         # Streams opened but not yet answered. A burst of thousands of opens overflows the server's
-        # queue of calls not yet picked up by the application (grpc core cancels the excess with
-        # CANCELLED), so each worker keeps at most this many opens pending and awaits the rest.
+        # queue of calls not yet picked up by the application: grpc core cancels the excess with a bare
+        # CANCELLED once more than grpc.server.max_pending_requests (default 1,000; all of them past
+        # grpc.server.max_pending_requests_hard_limit, default 3,000) are waiting. So each worker keeps
+        # at most this many opens pending and awaits the rest. The restart phase's re-opens do not: a
+        # reconnect storm is exactly such a burst.
         self.open_slots = asyncio.Semaphore(OPEN_PENDING)
+        # facade-style followers (the restart phase): session_id -> its state
+        self.follows: dict[str, Follow] = {}
+        self.follow_restarting = False  # set by follow_mark_restart: failures from then on are the restart's
+        self.follow_live = Counter()  # followers whose first stream answered
+        self.follow_settled = Counter()  # after the restart mark: followers back or given up
+        self.follow_delivered = Counter()  # events delivered since follow_mark_changes
+        self.follow_counts: dict[str, collections.Counter[str]] = {}
+        self.follow_samples: dict[str, str] = {}
+        self.channel_states: list[list[list[Any]]] = []
+        self.channel_watch: list[asyncio.Task[None]] = []
+        self._reset_follow_counts()
 
     # channels
 
@@ -298,6 +349,7 @@ class Worker:
         return {"channels": len(self.channels)}
 
     async def close_all(self) -> dict[str, Any]:
+        await self.follow_close()
         await self.watch_close()
         await self.poll_stop()
         for ch in self.channels:
@@ -472,6 +524,270 @@ class Worker:
             "last_stream_error": self.last_stream_error,
             "open_retries": self.open_retries,
         }
+
+    # Facade-style followers: the restart phase
+
+    def _reset_follow_counts(self) -> None:
+        self.follow_counts = {k: collections.Counter() for k in ("initial_failures", "stream_ends", "reopen_failures")}
+        self.follow_samples = {}
+        self.follow_failure_times: dict[str, list[int]] = {}  # failed re-opens after the restart mark, by key
+
+    async def _follow(self, f: Follow) -> None:
+        """One watcher, resumed the way flowsession.client.Client.watch() does it: on a resumable failure
+        (the facade's _resumable: UNAVAILABLE, WATCHER_TOO_SLOW, TOO_MANY_WATCHERS) re-open after the
+        server's RetryInfo delay, else after the facade's _backoff (tenacity's full-jitter exponential
+        wait) for the n-th consecutive failed open; wait_for_ready=True, no deadline; any other failure
+        ends the watch (the facade raises it). Before the restart mark (setting up), CANCELLED is retried
+        too, and initial opens take one of the worker's OPEN_PENDING slots like every other phase.
+
+        Re-opens ask for after_version = last - 1, not last: resuming exactly after the last version
+        gets no message until the next change or the 30 s heartbeat, so "back" could not be seen. One
+        version earlier, the server replays that boundary event (version == last, checked), which is
+        dropped as the facade drops any event.version <= last_version; later events must be last + 1."""
+        attempts = 0  # consecutive failed opens (the backoff's exponent), as in the facade
+        while True:
+            slot = not f.live  # the initial open: bounded like every other phase's opens
+            if slot:
+                await self.open_slots.acquire()
+            after = f.last - 1 if f.last > 1 else 0  # 0: the current state (the session's latest event)
+            boundary = f.last  # the version the first event of this open must repeat (0: none)
+            stub = self.session_stubs[self._next()]
+            call = stub.WatchSession(
+                spb.WatchSessionRequest(environment=ENV, session_id=f.session_id, after_version=after),
+                wait_for_ready=True,
+            )
+            f.call = call
+            answered = False
+            try:
+                async for response in call:
+                    receipt = now_us()
+                    if not answered:
+                        answered = True
+                        attempts = 0
+                        if slot:
+                            slot = False
+                            self.open_slots.release()
+                        self._follow_answered(f, receipt)
+                    if not response.HasField("event"):
+                        continue  # a heartbeat
+                    version = response.event.version
+                    if version <= f.last:
+                        if version == boundary:
+                            boundary = 0  # the one replay asked for
+                        else:
+                            f.dups += 1
+                        continue
+                    boundary = 0
+                    if f.last and version != f.last + 1:
+                        f.gaps += 1
+                    f.last = version
+                    if f.recording:
+                        f.delivered.append(version)
+                        self.follow_delivered.add()
+                self._follow_lost(f, "ended with OK")  # the facade's iterator would end here
+                return
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                key, error = self._follow_error(exc)
+                restarting = self.follow_restarting
+                if answered:
+                    self.follow_counts["stream_ends"][key] += 1
+                    if restarting and f.broke_us is None:
+                        f.broke_us = now_us()
+                elif restarting:
+                    self.follow_counts["reopen_failures"][key] += 1
+                    times = self.follow_failure_times.setdefault(key, [])
+                    if len(times) < 20_000:
+                        times.append(now_us())
+                    if f.broke_us is not None and f.back_us is None:
+                        f.failed_reopens += 1
+                else:
+                    self.follow_counts["initial_failures"][key] += 1
+                retry = _resumable(error) or (not restarting and exc.code() is grpc.StatusCode.CANCELLED)
+                if not retry:
+                    self._follow_lost(f, key)
+                    return
+                attempts += 1
+                retry_delay = getattr(error, "retry_delay", None)
+                delay = retry_delay if retry_delay is not None else _backoff(attempts)
+            except Exception as exc:  # noqa: BLE001 - the facade would raise it
+                self._follow_lost(f, type(exc).__name__)
+                self.follow_samples.setdefault(type(exc).__name__, repr(exc)[:400])
+                return
+            finally:
+                if slot:
+                    self.open_slots.release()
+                f.call = None
+            await asyncio.sleep(delay)  # the wait itself: RetryInfo or the facade's backoff
+
+    def _follow_error(self, exc: grpc.aio.AioRpcError) -> tuple[str, Any]:
+        """``CODE/REASON`` (``CODE`` alone when the status has no ErrorInfo: not from flowsession code)."""
+        if FlowsessionError is not None:
+            error = FlowsessionError.from_rpc_error(exc)
+        else:  # pragma: no cover
+            error = type("E", (), {"code": exc.code(), "reason": "", "retry_delay": _retry_delay(exc)})()
+        key = f"{exc.code().name}/{error.reason}" if error.reason else exc.code().name
+        if not error.reason and key not in self.follow_samples:
+            debug = getattr(exc, "debug_error_string", lambda: "")()
+            self.follow_samples[key] = f"details={exc.details()!r} debug={debug[:300]!r}"
+        return key, error
+
+    def _follow_answered(self, f: Follow, receipt: int) -> None:
+        if not f.live:
+            f.live = True
+            self.follow_live.add()
+        elif f.broke_us is not None and f.back_us is None:
+            f.back_us = receipt
+            self.follow_settled.add()
+
+    def _follow_lost(self, f: Follow, why: str) -> None:
+        f.lost = why
+        if not f.live:
+            self.follow_live.add()  # settled, as a failure
+        elif self.follow_restarting and f.back_us is None:
+            self.follow_settled.add()
+
+    async def follow_open(self, ids: list[str], timeout: float = 120.0) -> dict[str, Any]:
+        """One facade-style follower per session; returns once every one has its first event."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        target = self.follow_live.value + len(ids)
+        for session_id in ids:
+            f = Follow(session_id)
+            self.follows[session_id] = f
+            f.task = asyncio.create_task(self._follow(f))
+        await self.follow_live.wait_for(target, timeout)
+        live = sum(1 for i in ids if self.follows[i].live and not self.follows[i].lost)
+        return {"ready": live, "failed": len(ids) - live, "elapsed": loop.time() - start,
+                "initial_failures": dict(self.follow_counts["initial_failures"]),
+                "lost": [self.follows[i].lost for i in ids if self.follows[i].lost][:5]}  # fmt: skip
+
+    async def follow_mark_restart(self) -> dict[str, Any]:
+        """From now on failures are the restart's; also records every channel's connectivity changes."""
+        self.follow_restarting = True
+        self.follow_settled.reset()
+        self.channel_states = [[] for _ in self.channels]
+
+        async def watch(i: int, ch: grpc.aio.Channel) -> None:
+            state = ch.get_state()
+            self.channel_states[i].append([state.name, now_us()])
+            while True:
+                await ch.wait_for_state_change(state)
+                state = ch.get_state()
+                self.channel_states[i].append([state.name, now_us()])
+
+        self.channel_watch = [asyncio.create_task(watch(i, ch)) for i, ch in enumerate(self.channels)]
+        return {"followers": len(self.follows), "open": sum(1 for f in self.follows.values() if f.call is not None)}
+
+    async def follow_wait_back(self, timeout: float) -> dict[str, Any]:
+        reached = await self.follow_settled.wait_for(len(self.follows), timeout)
+        return {"reached": reached, "settled": self.follow_settled.value}
+
+    async def follow_collect(self) -> dict[str, Any]:
+        for task in self.channel_watch:
+            task.cancel()
+        self.channel_watch = []
+        fs = list(self.follows.values())
+        back = [f for f in fs if f.back_us is not None]
+        lost = collections.Counter(f.lost for f in fs if f.lost)
+        return {
+            "streams": len(fs),
+            "back": len(back),
+            "lost": dict(lost),
+            "never_broke": sum(1 for f in fs if f.broke_us is None and not f.lost),
+            "broke_not_back": sum(1 for f in fs if f.broke_us is not None and f.back_us is None and not f.lost),
+            "back_us": [f.back_us for f in back],
+            "reconnect_ms": [(f.back_us - f.broke_us) / 1000.0 for f in back if f.broke_us is not None],
+            "failed_reopens": [f.failed_reopens for f in back],
+            "broke_us_range": [min((f.broke_us for f in fs if f.broke_us), default=None),
+                               max((f.broke_us for f in fs if f.broke_us), default=None)],  # fmt: skip
+            **{k: dict(v) for k, v in self.follow_counts.items()},
+            "samples": self.follow_samples,
+            "reopen_failure_us": self.follow_failure_times,
+            "gaps": sum(f.gaps for f in fs),
+            "dups": sum(f.dups for f in fs),
+            "channels": self.channel_states,
+            "facade": FACADE_RESUME,
+        }
+
+    async def follow_mark_changes(self) -> dict[str, Any]:
+        for f in self.follows.values():
+            f.version_at_mark = f.last
+            f.delivered = []
+            f.recording = True
+        self.follow_delivered.reset()
+        return {}
+
+    async def follow_check(self, changed: dict[str, int], timeout: float, settle: float = 0.5) -> dict[str, Any]:
+        """After one change to each session of ``changed`` (session_id -> the version the write made):
+        every follower of those must have received exactly that version and nothing else, every other
+        follower nothing. ``settle`` s more after the expected count arrived, to catch extras."""
+        following = [i for i in changed if i in self.follows and not self.follows[i].lost]
+        reached = await self.follow_delivered.wait_for(len(following), timeout)
+        await asyncio.sleep(settle)  # a grace period for duplicates or strays, not a synchronisation
+        exact = missing = wrong = not_next = extra = 0
+        examples: list[Any] = []
+        for session_id, f in self.follows.items():
+            if f.lost:
+                continue  # given up (counted by follow_collect): it cannot receive anything
+            if session_id in changed:
+                want = changed[session_id]
+                if want != f.version_at_mark + 1:
+                    not_next += 1  # the write did not produce the next version (not the watcher's fault)
+                if f.delivered == [want]:
+                    exact += 1
+                elif not f.delivered:
+                    missing += 1
+                else:
+                    wrong += 1
+                    if len(examples) < 5:
+                        examples.append([session_id, f.version_at_mark, want, f.delivered])
+            elif f.delivered:
+                extra += 1
+            f.recording = False
+        return {"reached": reached, "changed": len(changed), "following": len(following), "exact": exact,
+                "missing": missing, "wrong": wrong,
+                "write_not_next_version": not_next, "unchanged_with_events": extra, "examples": examples,
+                "gaps": sum(f.gaps for f in self.follows.values()), "dups": sum(f.dups for f in self.follows.values())}  # fmt: skip
+
+    async def follow_close(self) -> dict[str, Any]:
+        for task in self.channel_watch:
+            task.cancel()
+        self.channel_watch = []
+        tasks = []
+        for f in self.follows.values():
+            if f.call is not None:
+                f.call.cancel()
+            if f.task is not None:
+                f.task.cancel()
+                tasks.append(f.task)
+        if tasks:
+            await asyncio.wait(tasks, timeout=30)
+        closed = len(self.follows)
+        self.follows = {}
+        self.follow_restarting = False
+        self.follow_live.reset()
+        self.follow_settled.reset()
+        self.follow_delivered.reset()
+        self._reset_follow_counts()
+        return {"closed": closed}
+
+    async def report_each(self, ids: list[str], inflight: int) -> dict[str, Any]:
+        """One ReportStepResult per session; returns the version each write produced."""
+        versions: dict[str, int] = {}
+
+        async def one(session_id: str) -> None:
+            stub = self.session_stubs[self._next()]
+            response = await stub.ReportStepResult(
+                spb.ReportStepResultRequest(environment=ENV, session_id=session_id, step_id=STEP, verdict="retry"),
+                timeout=RPC_TIMEOUT,
+            )
+            versions[session_id] = response.session.version
+
+        result = await closed_loop(one, ids, inflight=inflight, count=len(ids))
+        result["versions"] = versions
+        return result
 
     # expiry
 

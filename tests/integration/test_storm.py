@@ -10,7 +10,8 @@ from flowsession.v1 import session_service_pb2 as spb, session_service_pb2_grpc
 
 from ..support import TIMEOUT, ServerThread, new_session, published_flow, settings_for
 
-WATCHERS = 400
+# More simultaneous opens than gRPC core's default pending-call limit (1,000): none may be CANCELLED.
+WATCHERS = 2500
 
 
 def test_a_storm_of_opens_is_shed_with_retry_info_and_all_streams_come_back(tmp_path):
@@ -30,7 +31,7 @@ def test_a_storm_of_opens_is_shed_with_retry_info_and_all_streams_come_back(tmp_
                         return response.event.version
                 except grpc.aio.AioRpcError as err:
                     error = FlowsessionError.from_rpc_error(err)
-                    assert error.code is grpc.StatusCode.UNAVAILABLE, error
+                    assert error.code is grpc.StatusCode.UNAVAILABLE, error  # never a bare CANCELLED
                     assert error.reason == "SERVER_BUSY" and error.retry_delay is not None
                     shed.append(error)
                     await asyncio.sleep(error.retry_delay)  # the server's RetryInfo paces the retry
@@ -42,7 +43,7 @@ def test_a_storm_of_opens_is_shed_with_retry_info_and_all_streams_come_back(tmp_
 
         versions = asyncio.run(asyncio.wait_for(storm(), 60))
         assert versions == [1] * WATCHERS  # every watcher got its stream and its current state
-        assert shed, "with 4 opening slots, some of 400 simultaneous opens must have been shed"
+        assert shed, "with 4 opening slots, some of the simultaneous opens must have been shed"
         assert all(0 < e.retry_delay <= 0.5 for e in shed)
     finally:
         server.stop()

@@ -37,6 +37,14 @@ SERVER_OPTIONS: Sequence[tuple[str, int]] = (
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
     ("grpc.http2.max_ping_strikes", 2),
+    # gRPC core cancels (bare CANCELLED, before any handler runs) calls that arrive faster than the
+    # aio server picks them up once 1,000 are pending (all past 3,000): a reconnect storm of thousands of
+    # watchers lost two thirds of its re-opens in the bench. Room for every watcher --max-watchers allows;
+    # the server's own shedding (SERVER_BUSY + RetryInfo) then paces them.
+    ("grpc.server.max_pending_requests", 20_000),
+    ("grpc.server.max_pending_requests_hard_limit", 40_000),
+    # Calls still waiting to be picked up after this many seconds are cancelled too (default 30).
+    ("grpc.server_max_unrequested_time_in_server", 120),
 )
 
 
