@@ -479,11 +479,15 @@ class Worker:
             self.streams.pop(key, None)
 
     async def watch_open(self, ids: list[str], timeout: float = 120.0) -> dict[str, Any]:
+        return await self._open_all(ids, self._start_stream, timeout)
+
+    async def _open_all(self, keys: list[str], start_one: Any, timeout: float) -> dict[str, Any]:
+        """Starts one stream per key and waits (bounded) until each is live or has failed."""
         loop = asyncio.get_running_loop()
         start = loop.time()
-        group = Group(len(ids))
-        for session_id in ids:
-            await self._start_stream(session_id, group)
+        group = Group(len(keys))
+        for key in keys:
+            await start_one(key, group)
         try:
             await asyncio.wait_for(group.all_in.wait(), timeout)
         except TimeoutError:
@@ -981,16 +985,7 @@ class Worker:
             self.streams.pop(seq, None)
 
     async def bare_watch_open(self, keys: list[str], timeout: float = 120.0) -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        group = Group(len(keys))
-        for key in keys:
-            await self._start_bare_stream(key, group)
-        try:
-            await asyncio.wait_for(group.all_in.wait(), timeout)
-        except TimeoutError:
-            pass
-        return {"ready": group.ready, "failed": group.failed, "elapsed": loop.time() - start, "open": len(self.streams)}
+        return await self._open_all(keys, self._start_bare_stream, timeout)
 
     async def bare_publish_paced(self, keys: list[str], rate: float, duration: float) -> dict[str, Any]:
         async def one(key: str) -> None:

@@ -1,22 +1,32 @@
 """FlowService: thin servicers that parse, call one store operation and convert."""
 from __future__ import annotations
 
+from datetime import timedelta
+
 import grpc
 
 from flowsession.v1 import flow_service_pb2 as pb, flow_service_pb2_grpc
 
 from ..domain import flowgraph, limits, paging, validation
 from ..domain.errors import Violations
+from ..domain.model import FlowGraph
 from ..store.codec import to_us
 from ..store.store import Store
 from . import convert, errors
 
 
-def _graph(v: Violations, request: pb.CreateFlowVersionRequest | pb.UpdateFlowVersionRequest):
+def _definition(
+    v: Violations, request: pb.CreateFlowVersionRequest | pb.UpdateFlowVersionRequest
+) -> tuple[FlowGraph, timedelta]:
+    """The version's graph and timeout; raises every field violation collected so far, then the graph's."""
     for i, step in enumerate(request.steps):
         if convert.outcome_from_pb(step.outcome) is None:
             v.add(f"steps[{i}].outcome", f"unknown outcome value {step.outcome}")
-    return convert.graph_from_pb(request.start_step_id, request.steps)
+    graph = convert.graph_from_pb(request.start_step_id, request.steps)
+    timeout = convert.execution_timeout(v, request)
+    v.raise_if_any()
+    flowgraph.validate(graph, timeout)
+    return graph, timeout
 
 
 class FlowService(flow_service_pb2_grpc.FlowServiceServicer):
@@ -58,10 +68,7 @@ class FlowService(flow_service_pb2_grpc.FlowServiceServicer):
     ) -> pb.CreateFlowVersionResponse:
         v = Violations()
         validation.identifier(v, "flow_id", request.flow_id)
-        graph = _graph(v, request)
-        timeout = convert.execution_timeout(v, request)
-        v.raise_if_any()
-        flowgraph.validate(graph, timeout)
+        graph, timeout = _definition(v, request)
         fv = await self._store.create_flow_version(request.flow_id, graph, timeout)
         return pb.CreateFlowVersionResponse(flow_version=convert.flow_version_pb(fv))
 
@@ -72,10 +79,7 @@ class FlowService(flow_service_pb2_grpc.FlowServiceServicer):
         v = Violations()
         validation.identifier(v, "flow_id", request.flow_id)
         validation.version_number(v, "version", request.version)
-        graph = _graph(v, request)
-        timeout = convert.execution_timeout(v, request)
-        v.raise_if_any()
-        flowgraph.validate(graph, timeout)
+        graph, timeout = _definition(v, request)
         fv = await self._store.update_flow_version(request.flow_id, request.version, graph, timeout)
         return pb.UpdateFlowVersionResponse(flow_version=convert.flow_version_pb(fv))
 
