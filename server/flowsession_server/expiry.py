@@ -41,10 +41,6 @@ class ExpiryScheduler(BackgroundLoop):
                 self._wake.set()
                 return
 
-    def poke(self) -> None:
-        """Re-check now (tests with a fake clock; another process's sessions)."""
-        self._wake.set()
-
     async def _run(self) -> None:
         while True:
             # Clear before reading the next deadline, so a wake-up that lands in between is not lost.

@@ -7,14 +7,17 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import jwt
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from flowsession.client import connect
 from flowsession.v1 import session_pb2, session_service_pb2 as spb
+from flowsession_server.api import tokens
 from flowsession_server.domain.errors import Unavailable
 
-from ..support import TIMEOUT, ServerProcess, get, new_session, published_flow, report, wait_until
+from ..support import TIMEOUT, ServerProcess, ServerThread, get, new_session, published_flow, report, settings_for, wait_until
 
 
 def test_health_is_serving(client):
@@ -155,3 +158,23 @@ def test_health_is_not_serving_while_the_store_cannot_commit(server, client):
     wait_until(lambda: status() == health_pb2.HealthCheckResponse.NOT_SERVING)
     published_flow(client)  # the next commit succeeds: the store is writable again
     wait_until(lambda: status() == health_pb2.HealthCheckResponse.SERVING)
+
+
+def test_session_tokens_stay_valid_across_a_restart(tmp_path):
+    """The signing key is created with the database, so a token verifies against the restarted server's key."""
+    settings = settings_for(tmp_path)
+    first = ServerThread(settings)
+    try:
+        with connect(first.address) as client:
+            created = new_session(client, published_flow(client))
+    finally:
+        first.stop()
+    second = ServerThread(settings)
+    try:
+        claims = tokens.verify(created.session_token, second.server.store.keys.token_key)
+        assert claims["sub"] == created.session.session_id and claims["env"] == "live"
+        assert claims["exp"] == created.session.expire_time.seconds
+        with pytest.raises(jwt.InvalidSignatureError):
+            tokens.verify(created.session_token, b"another key" * 3)
+    finally:
+        second.stop()
