@@ -782,15 +782,16 @@ def test_processes_opening_a_new_file_together_migrate_it_once(tmp_path: Path) -
     errors: list[BaseException] = []
 
     def open_one() -> None:
-        conn = schema.connect(path)
         try:
             barrier.wait(DEADLINE_S)
-            schema.migrate(conn)
-            keys.append(schema.read_meta(conn))
+            conn = schema.connect(path)
+            try:
+                schema.migrate(conn)
+                keys.append(schema.read_meta(conn))
+            finally:
+                conn.close()
         except BaseException as exc:  # reported below
             errors.append(exc)
-        finally:
-            conn.close()
 
     threads = [threading.Thread(target=open_one) for _ in range(6)]
     for t in threads:
