@@ -751,6 +751,29 @@ def test_close_commits_accepted_writes_then_refuses_new_ones(tmp_path: Path) -> 
     asyncio.run(with_store(path, clock, check))
 
 
+def test_a_write_waiting_for_another_process_lock_leaves_the_event_loop_free(tmp_path: Path) -> None:
+    """The write lock is held elsewhere (another process writing): the waiting write must not stall the
+    loop, or this test's own ROLLBACK of the lock could never run."""
+
+    async def body(store: Store, rec: Recorder) -> None:
+        flow = await published_flow(store)
+        gate = sqlite3.connect(db(tmp_path), isolation_level=None)
+        try:
+            gate.execute("BEGIN IMMEDIATE")
+            pending = asyncio.ensure_future(store.create_session(new_session(flow.flow_id, "ses_1"), None))
+            for _ in range(50):  # many turns of the loop while the write waits
+                await asyncio.sleep(0)
+            assert not pending.done()
+            assert (await store.get_flow(flow.flow_id)).flow_id == flow.flow_id  # reads go on meanwhile
+            gate.execute("ROLLBACK")
+        finally:
+            gate.close()
+        session, _ = await asyncio.wait_for(pending, DEADLINE_S)
+        assert session.version == 1 and rec.events[-1].session_id == "ses_1"
+
+    run(tmp_path, body)
+
+
 def test_callers_hear_back_even_if_on_commit_raises(tmp_path: Path) -> None:
     class FailingOnce(Recorder):
         armed = False

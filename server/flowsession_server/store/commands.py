@@ -1,4 +1,4 @@
-"""Write commands, run by the writer thread inside its transaction.
+"""Write commands, run by the writer inside its transaction.
 
 Each reads the rows it decides on within the same write transaction, so the domain decides on the
 state that is committed over; the guarded UPDATE (``WHERE version = ?``) still catches a lost race.
@@ -155,7 +155,7 @@ def create_session(new: NewSession, idempotency: IdempotencyKey | None, now: dat
 
 
 class PublishedVersions:
-    """Published flow versions are immutable, so the writer thread keeps the ones sessions run."""
+    """Published flow versions are immutable, so the writer keeps the ones sessions run."""
 
     def __init__(self, capacity: int = 10_000):
         self._capacity = capacity

@@ -1,4 +1,4 @@
-"""Read queries. Plain functions over a connection: the writer thread uses them inside its
+"""Read queries. Plain functions over a connection: the writer's commands use them inside its
 transaction, and ``Reader`` runs them on its own pooled WAL connections, off the event loop."""
 from __future__ import annotations
 

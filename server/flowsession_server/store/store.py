@@ -39,7 +39,7 @@ class Store:
         self._writer: Writer | None = None
         self._reader: reads.Reader | None = None
         self.keys: StoreKeys | None = None
-        self._versions = commands.PublishedVersions()  # used by the writer thread only
+        self._versions = commands.PublishedVersions()  # used by the writer's commands only
 
     async def open(self, on_commit: Callable[[list[SessionEvent]], None], on_health: Callable[[bool], None]) -> None:
         def prepare() -> StoreKeys:
