@@ -17,7 +17,9 @@ METHOD = {
     "watch_latency": "one WatchSession per session (flow: step liveness routes retry->liveness), every stream's first "
     "event awaited before measuring; a driver sends ReportStepResult(retry) open-loop at the stated rate round-robin "
     "over the watched sessions in shuffled order; latency = client receipt wall clock - the event's event_time "
-    "(the server's clock when the writer ran the change, before COMMIT); every event of the run, after all arrived",
+    "(the server's clock when the writer ran the change, before COMMIT); every event of the run, after all arrived; "
+    "each run starts once the server has used under 20% of a core for 0.5 s (after closing streams or a profile "
+    "re-run it still has queued work; latency runs record the wait as settled_s)",
     "bare_latency": "same client setup against bench/bare_server.py: a Publish unary RPC stamps time.time() and puts "
     "one message (408 bytes) on the in-memory queue of the key's stream",
     "memory_per_stream": "server RSS after opening the streams (each answered) minus RSS before, divided by the count",
@@ -235,6 +237,17 @@ def notes_for(target: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]
             f"server CPU {run['window']['server_cpu_pct_of_core']:.0f}% of a core, machine {run['window']['machine_busy_pct']:.0f}% "
             f"busy during the run (bare: {brun['window']['server_cpu_pct_of_core']:.0f}% / {brun['window']['machine_busy_pct']:.0f}%)"
         )
+        sent, bsent = run["sent"], brun["sent"]
+        facts.append(
+            f"server CPU per change {1e6 * run['window']['server_cpu_s'] / max(sent['done'], 1):,.0f} µs against "
+            f"{1e6 * brun['window']['server_cpu_s'] / max(bsent['done'], 1):,.0f} µs per bare publish and delivery: at "
+            f"{run['rate']:,.0f} changes/s the server's one core for Python is nearly full, so changes queue"
+        )
+        if sent.get("skipped"):
+            facts.append(
+                f"the driver made {sent['done']:,} of {sent['planned']:,} planned changes ({sent['skipped']:,} ticks skipped "
+                f"with 2,000 calls outstanding): the server fell behind the rate"
+            )
         half = main.get(f"latency_{size}_half_rate")
         if half:
             hl = half["latency_ms"]

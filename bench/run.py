@@ -85,6 +85,19 @@ def rss_bytes(pid: int) -> int:
     return psutil.Process(pid).memory_info().rss
 
 
+async def settle(pid: int, *, busy_pct: float = 20.0, span: float = 0.5, timeout: float = 30.0) -> float:
+    """Waits (up to ``timeout``) until the server used under ``busy_pct`` of a core over ``span`` seconds,
+    so a measurement never starts while the server still works off the previous step (thousands of
+    streams just closed, or calls queued behind a profiler). Returns the seconds it waited."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        cpu0 = cpu_seconds(pid)
+        await asyncio.sleep(span)  # the measurement interval
+        if 100.0 * (cpu_seconds(pid) - cpu0) / span < busy_pct:
+            break
+    return time.monotonic() - t0
+
+
 class Window:
     """Server CPU-seconds and whole-machine busy share between start() and stop()."""
 
@@ -223,6 +236,7 @@ class Bench:
         """Paced changes (or bare publishes) at ``rate`` over the streams' keys; every delivery's latency."""
         keys = [k for p in parts for k in p]
         random.shuffle(keys)
+        settled = await settle(pid)
         await self.all_watchers("watch_mark", recording=True)
         win = Window(pid).start()
         if publish == "changes":
@@ -248,6 +262,7 @@ class Bench:
             "window": cpu,
             "streams": sum(len(p) for p in parts),
             "rate": rate,
+            "settled_s": round(settled, 2),
         }
 
     async def idle(self, pid: int) -> dict[str, Any]:
