@@ -213,6 +213,17 @@ def _gc_fact(window: dict[str, Any] | None, what: str) -> str | None:
     )
 
 
+def _bare_delivery_us(bare: dict[str, Any]) -> float | None:
+    """CPU of one bare stream message: a bare publish-and-deliver minus a bare echo RPC."""
+    try:
+        echo = bare["echo"]["window"]["server_cpu_s"] / bare["echo"]["done"]
+        run = bare["latency_large"]
+        publish = run["window"]["server_cpu_s"] / run["sent"]["done"]
+    except (KeyError, ZeroDivisionError):
+        return None
+    return max(publish - echo, 0.0) * 1e6
+
+
 def notes_for(target: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
     """Facts for a missed target: by how much, the load around it, and py-spy's top frames if profiled."""
     main, bare = results["main"], results["bare"]
@@ -265,6 +276,13 @@ def notes_for(target: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]
             f"{run['window']['server_cpu_pct_of_core']:.0f}% of a core (bare echo: {bare['echo']['window']['server_cpu_pct_of_core']:.0f}%), "
             f"machine {run['window']['machine_busy_pct']:.0f}% busy"
         )
+        echo = bare["echo"]
+        facts.append(
+            f"server CPU per change {1e6 * run['window']['server_cpu_s'] / max(run['done'], 1):,.0f} µs against "
+            f"{1e6 * echo['window']['server_cpu_s'] / max(echo['done'], 1):,.0f} µs per bare echo: on top of gRPC's "
+            f"own cost of a unary call, a change runs its writer command (read, decide, UPDATE, INSERT, JSON) and "
+            f"converts the session to protobuf, all on the one core Python runs on"
+        )
         facts.append(_gc_fact(run["window"], "the run"))
         profile_key = "status_changes"
     elif key == "memory_per_stream":
@@ -285,6 +303,13 @@ def notes_for(target: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]
             f"until the last delivery"
         )
         facts.append(_gc_fact(st["window_until_delivered"], "that time"))
+        delivery_us = _bare_delivery_us(bare)
+        if delivery_us is not None:
+            facts.append(
+                f"one stream message costs the bare grpc.aio server about {delivery_us:,.0f} µs of CPU (a bare publish "
+                f"and delivery minus a bare echo), so {st['sessions']:,} deliveries alone take about "
+                f"{st['sessions'] * delivery_us / 1e6:.1f} s of the one core Python runs on"
+            )
         profile_key = "expiry_storm"
     elif key == "expiry_lag_p99":
         lag = results["expiry"]["lag"]
@@ -308,6 +333,19 @@ def notes_for(target: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]
             f"{cpc['streaming']['learning_cpu_ms_per_change']:.3f} ms; with the writes included "
             f"{cpc['polling']['cpu_ms_per_change']:.2f} ms against {cpc['streaming']['cpu_ms_per_change']:.2f} ms "
             f"({cpc['ratio_total']:.1f}x)"
+        )
+        delivery_us = _bare_delivery_us(bare)
+        if delivery_us:
+            polls_per_change = p["change_every_s"] / p["poll_interval_s"]
+            poll_ms = cpc["polling"]["learning_cpu_ms_per_change"] / polls_per_change
+            facts.append(
+                f"one poll costs {poll_ms:.2f} ms and one bare stream message about {delivery_us:,.0f} µs, so even at "
+                f"the bare stack's delivery cost streaming could be at most about "
+                f"{polls_per_change * poll_ms * 1000 / delivery_us:.0f}x cheaper at this change rate"
+            )
+        facts.append(
+            "learning CPU is a difference of two windows' server CPU (with and without the learners), so its "
+            "run-to-run noise is large against streaming's small share"
         )
         profile_key = "polling"
     elif key == "restart_all_back":
