@@ -16,6 +16,31 @@ from .config import DEFAULT_ENVIRONMENTS, Settings
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
+# (flag, type, default, minimum, help); each also reads FLOWSESSION_<FLAG_NAME> as its default.
+NUMERIC_FLAGS: tuple[tuple[str, type, float, float, str], ...] = (
+    ("--watch-queue", int, Settings.watch_queue, 1,
+     "events buffered per watch stream before a slow client is cut off with WATCHER_TOO_SLOW"),
+    ("--watch-heartbeat", float, Settings.watch_heartbeat, 0.01, "seconds of idleness after which a watch stream gets a heartbeat"),
+    ("--max-watchers", int, Settings.max_watchers, 1, "open watch streams per process; more get RESOURCE_EXHAUSTED (TOO_MANY_WATCHERS)"),
+    ("--max-opening-watchers", int, Settings.max_opening_watchers, 1,
+     "watch streams replaying their backlog at once; more opens get UNAVAILABLE (SERVER_BUSY) with RetryInfo"),
+    ("--event-retention", float, Settings.event_retention.total_seconds(), 1,
+     "seconds of event history kept (events of RUNNING sessions are always kept)"),
+    ("--feed-poll", float, Settings.feed_poll, 0.001, "seconds between looks for commits by other processes on the same database"),
+    ("--read-threads", int, Settings.read_threads, 1, "pooled read connections, each on its own thread"),
+    ("--shutdown-grace", float, Settings.shutdown_grace, 0, "seconds in-flight calls get to finish on SIGTERM before they are cancelled"),
+)  # fmt: skip
+
+
+def _from_env(variable: str, kind: type, default: float) -> float:
+    text = os.environ.get(variable)
+    if text is None:
+        return kind(default)
+    try:
+        return kind(text)
+    except ValueError:
+        raise SystemExit(f"{variable} must be {'an integer' if kind is int else 'a number'}, not {text!r}") from None
+
 
 def _parser() -> argparse.ArgumentParser:
     env = os.environ.get
@@ -35,36 +60,9 @@ def _parser() -> argparse.ArgumentParser:
         default=env("FLOWSESSION_SYNCHRONOUS", Settings.synchronous),
         help="SQLite synchronous mode; FULL survives a power cut",
     )
-    serve.add_argument(
-        "--watch-queue",
-        type=int,
-        default=int(env("FLOWSESSION_WATCH_QUEUE", Settings.watch_queue)),
-        help="events buffered per watch stream before a slow client is cut off with WATCHER_TOO_SLOW",
-    )
-    serve.add_argument(
-        "--watch-heartbeat",
-        type=float,
-        default=float(env("FLOWSESSION_WATCH_HEARTBEAT", Settings.watch_heartbeat)),
-        help="seconds of idleness after which a watch stream gets a heartbeat",
-    )
-    serve.add_argument(
-        "--max-watchers",
-        type=int,
-        default=int(env("FLOWSESSION_MAX_WATCHERS", Settings.max_watchers)),
-        help="open watch streams per process; more get RESOURCE_EXHAUSTED (TOO_MANY_WATCHERS)",
-    )
-    serve.add_argument(
-        "--event-retention",
-        type=float,
-        default=float(env("FLOWSESSION_EVENT_RETENTION", Settings.event_retention.total_seconds())),
-        help="seconds of event history kept (events of RUNNING sessions are always kept)",
-    )
-    serve.add_argument(
-        "--feed-poll",
-        type=float,
-        default=float(env("FLOWSESSION_FEED_POLL", Settings.feed_poll)),
-        help="seconds between looks for commits by other processes on the same database",
-    )
+    for flag, kind, default, minimum, text in NUMERIC_FLAGS:
+        variable = "FLOWSESSION_" + flag.removeprefix("--").replace("-", "_").upper()
+        serve.add_argument(flag, type=kind, default=_from_env(variable, kind, default), help=f"{text} (at least {minimum})")
     serve.add_argument("--log-level", default=env("FLOWSESSION_LOG_LEVEL", "INFO"))
     return parser
 
@@ -75,15 +73,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise SystemExit("--environments needs at least one name")
     if args.synchronous not in ("FULL", "NORMAL"):  # argparse does not check env-var defaults
         raise SystemExit(f"--synchronous must be FULL or NORMAL, not {args.synchronous!r}")
-    for flag, value, low in (
-        ("--watch-queue", args.watch_queue, 1),
-        ("--max-watchers", args.max_watchers, 1),
-        ("--watch-heartbeat", args.watch_heartbeat, 0.01),
-        ("--event-retention", args.event_retention, 1),
-        ("--feed-poll", args.feed_poll, 0.001),
-    ):
-        if value < low:
-            raise SystemExit(f"{flag} must be at least {low}")
+    for flag, _kind, _default, minimum, _text in NUMERIC_FLAGS:  # argparse does not check ranges
+        if getattr(args, flag.removeprefix("--").replace("-", "_")) < minimum:
+            raise SystemExit(f"{flag} must be at least {minimum}")
     return replace(
         Settings(),
         db_path=args.db,
@@ -92,8 +84,11 @@ def settings_from(args: argparse.Namespace) -> Settings:
         watch_queue=args.watch_queue,
         watch_heartbeat=args.watch_heartbeat,
         max_watchers=args.max_watchers,
+        max_opening_watchers=args.max_opening_watchers,
         event_retention=timedelta(seconds=args.event_retention),
         feed_poll=args.feed_poll,
+        read_threads=args.read_threads,
+        shutdown_grace=args.shutdown_grace,
     )
 
 

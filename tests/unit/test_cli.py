@@ -26,6 +26,13 @@ def test_flags_fill_settings(monkeypatch):
     assert s.event_retention == timedelta(seconds=60)
 
 
+def test_tuning_flags_fill_settings(monkeypatch):
+    s = parse(monkeypatch, ["--max-opening-watchers", "16", "--read-threads", "2", "--shutdown-grace", "0.5"])
+    assert (s.max_opening_watchers, s.read_threads, s.shutdown_grace) == (16, 2, 0.5)
+    s = parse(monkeypatch, [], FLOWSESSION_READ_THREADS="8", FLOWSESSION_SHUTDOWN_GRACE="3")
+    assert (s.read_threads, s.shutdown_grace, s.max_opening_watchers) == (8, 3.0, 256)
+
+
 def test_environment_variables_are_the_defaults_and_flags_win(monkeypatch):
     s = parse(monkeypatch, ["--max-watchers", "9"], FLOWSESSION_DB="env.db", FLOWSESSION_MAX_WATCHERS="5")
     assert (s.db_path, s.max_watchers) == ("env.db", 9)
@@ -39,6 +46,10 @@ def test_environment_variables_are_the_defaults_and_flags_win(monkeypatch):
         (["--max-watchers", "0"], {}),
         (["--environments", " , "], {}),
         (["--event-retention", "0"], {}),
+        (["--read-threads", "0"], {}),
+        (["--max-opening-watchers", "0"], {}),
+        (["--shutdown-grace", "-1"], {}),
+        ([], {"FLOWSESSION_MAX_WATCHERS": "lots"}),  # a clear message, not a traceback
     ],
 )
 def test_bad_values_refuse_to_start(monkeypatch, argv, env):
