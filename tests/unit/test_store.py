@@ -38,7 +38,7 @@ from flowsession_server.domain.model import (
     SessionStatus,
     Step,
 )
-from flowsession_server.store import schema
+from flowsession_server.store import schema, writer
 from flowsession_server.store.commands import IdempotencyKey, NewSession, Verb
 from flowsession_server.store.store import Store
 
@@ -770,6 +770,29 @@ def test_a_write_waiting_for_another_process_lock_leaves_the_event_loop_free(tmp
             gate.close()
         session, _ = await asyncio.wait_for(pending, DEADLINE_S)
         assert session.version == 1 and rec.events[-1].session_id == "ses_1"
+
+    run(tmp_path, body)
+
+
+def test_a_write_lock_held_elsewhere_too_long_fails_the_batch_then_writes_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(writer, "LOCK_WAIT_MS", 50)
+
+    async def body(store: Store, rec: Recorder) -> None:
+        flow = await published_flow(store)
+        gate = sqlite3.connect(db(tmp_path), isolation_level=None)
+        try:
+            gate.execute("BEGIN IMMEDIATE")
+            with pytest.raises(Unavailable) as info:
+                await store.create_session(new_session(flow.flow_id, "ses_1"), None)
+            assert info.value.reason == "STORE_UNAVAILABLE" and info.value.retry_after
+            assert rec.health[-1] is False and not store.writable
+            gate.execute("ROLLBACK")
+        finally:
+            gate.close()
+        session, _ = await store.create_session(new_session(flow.flow_id, "ses_1"), None)
+        assert session.version == 1 and rec.health[-1] is True
 
     run(tmp_path, body)
 
