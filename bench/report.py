@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,12 @@ METHOD = {
     "expire_time",
     "polling_vs_streaming": "one client per session, one change per session every change_every_s on average (paced "
     "round-robin); pollers call GetSession every 1 s with a random phase; staleness = receipt - update_time of the "
-    "newly seen version (polling) or receipt - event_time (streaming); learning CPU = server CPU during the window "
-    "minus the mean of the same change load with no clients, run before and after",
+    "newly seen version (polling) or receipt - event_time (streaming); polling's learning CPU = server CPU during "
+    "the window minus the mean of the same change load with no clients (one run before polling, one in every "
+    "streaming pair); streaming's = the mean over stream_pairs paired windows, streams open throughout, of the "
+    "server CPU while the watched sessions change minus the same load on as many unwatched sessions; the ratio "
+    "takes streaming's at mean + 2 standard errors, so it is a lower bound; this phase's server sends heartbeats "
+    "only after 600 s idle, so none falls in the windows",
     "profiles": "only for missed targets: py-spy record --gil --native on the server during a re-run of the workload",
     "restart": "a server on a fixed loopback port (picked free, below the ephemeral range) with one WatchSession per "
     "RUNNING session, opened by facade-style followers (bench/worker.py _follow: resumes on what "
@@ -65,32 +70,51 @@ def _get(d: dict[str, Any], *path: str) -> Any:
     return d
 
 
+def _per_change(cpu_s: float, learning_s: float, seconds: float, changes: float) -> dict[str, float]:
+    minutes = seconds / 60.0
+    return {
+        "server_cpu_s": cpu_s,
+        "cpu_s_per_minute": cpu_s / minutes,
+        "learning_cpu_s": learning_s,
+        "learning_cpu_s_per_minute": learning_s / minutes,
+        "cpu_ms_per_change": 1000.0 * cpu_s / changes,
+        "learning_cpu_ms_per_change": 1000.0 * learning_s / changes,
+    }
+
+
 def cpu_per_change(results: dict[str, Any]) -> dict[str, Any]:
     """Server CPU per change learned, polling against streaming: total, and net of the same change load
-    with no learners (the cost of learning itself)."""
+    with no learners (the cost of learning itself). Streaming's learning cost is the mean of paired
+    differences; the ratio uses its upper bound (mean + 2 standard errors), so it errs against streaming."""
     p = results["polling"]
-    base = p["changes_only"]["window"]["server_cpu_s"]
+    base = statistics.fmean(w["server_cpu_s"] for w in p["changes_only_runs"])
     out: dict[str, Any] = {"changes_only_cpu_s": base}
-    for mode in ("polling", "streaming"):
-        m = p[mode]
-        cpu = m["window"]["server_cpu_s"]
-        learned = max(1, m["changes_made"])
-        minutes = m["window"]["seconds"] / 60.0
-        out[mode] = {
-            "server_cpu_s": cpu,
-            "cpu_s_per_minute": cpu / minutes,
-            "learning_cpu_s": cpu - base,
-            "learning_cpu_s_per_minute": (cpu - base) / minutes,
-            "cpu_ms_per_change": 1000.0 * cpu / learned,
-            "learning_cpu_ms_per_change": 1000.0 * (cpu - base) / learned,
-        }
-    # A learning cost below the measurement's resolution (10 ms of CPU) is taken as 10 ms.
-    floor = 0.010
-    stream_learning = max(out["streaming"]["learning_cpu_s"], floor)
-    out["ratio_learning"] = (max(out["polling"]["learning_cpu_s"], floor) / max(1, p["polling"]["changes_made"])) / (
-        stream_learning / max(1, p["streaming"]["changes_made"])
-    )
-    out["ratio_learning_at_floor"] = out["streaming"]["learning_cpu_s"] < floor
+    poll = p["polling"]
+    out["polling"] = _per_change(
+        poll["window"]["server_cpu_s"], poll["window"]["server_cpu_s"] - base, poll["window"]["seconds"],
+        max(1, poll["changes_made"]),
+    )  # fmt: skip
+    st = p["streaming"]
+    # Results from before the paired windows have one streaming window against the baseline.
+    pairs = st.get("pairs") or [{"window": st["window"], "baseline_window": {"server_cpu_s": base}, "changes_made": st["changes_made"]}]
+    diffs = [pr["window"]["server_cpu_s"] - pr["baseline_window"]["server_cpu_s"] for pr in pairs]
+    mean = statistics.fmean(diffs)
+    se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else abs(mean)
+    per_window = max(1.0, statistics.fmean(pr["changes_made"] for pr in pairs))
+    out["streaming"] = _per_change(
+        statistics.fmean(pr["window"]["server_cpu_s"] for pr in pairs), mean,
+        statistics.fmean(pr["window"].get("seconds", p.get("window_s", 30.0)) for pr in pairs), per_window,
+    )  # fmt: skip
+    # Below 10 ms of CPU per window the difference is beyond what the CPU counters resolve.
+    upper = max(mean + 2 * se, 0.010)
+    out["streaming"].update(
+        pair_diffs_s=diffs, learning_cpu_s_se=se, learning_cpu_s_upper=upper,
+        learning_cpu_ms_per_change_upper=1000.0 * upper / per_window,
+    )  # fmt: skip
+    poll_learning = out["polling"]["learning_cpu_ms_per_change"]
+    out["ratio_learning"] = poll_learning / out["streaming"]["learning_cpu_ms_per_change_upper"]
+    point = out["streaming"]["learning_cpu_ms_per_change"]
+    out["ratio_learning_point"] = poll_learning / point if point > 0 else None
     out["ratio_total"] = out["polling"]["cpu_ms_per_change"] / max(out["streaming"]["cpu_ms_per_change"], 1e-9)
     return out
 
@@ -156,7 +180,8 @@ def evaluate(results: dict[str, Any]) -> list[dict[str, Any]]:
         _target(
             "streaming_vs_polling", "server CPU per change learned: 1 s polling / streaming",
             cpc["ratio_learning"], "x", ">=", 100.0,
-            detail="learning CPU: server CPU with the learners minus the same change load with none",
+            detail="learning CPU: server CPU with the learners minus the same change load with none; streaming's "
+            "taken at its upper bound, so the ratio is a lower bound",
         ),  # fmt: skip
     ]
     if "restart" in results:
@@ -343,9 +368,12 @@ def notes_for(target: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]
                 f"the bare stack's delivery cost streaming could be at most about "
                 f"{polls_per_change * poll_ms * 1000 / delivery_us:.0f}x cheaper at this change rate"
             )
+        sc = cpc["streaming"]
         facts.append(
-            "learning CPU is a difference of two windows' server CPU (with and without the learners), so its "
-            "run-to-run noise is large against streaming's small share"
+            f"streaming's learning CPU per {p['window_s']:.0f} s window: {sc['learning_cpu_s']:.3f} s ± "
+            f"{sc['learning_cpu_s_se']:.3f} s (mean and standard error of {len(sc['pair_diffs_s'])} paired windows), "
+            f"taken as {sc['learning_cpu_s_upper']:.3f} s for the ratio; point estimate "
+            + (f"{cpc['ratio_learning_point']:.0f}x" if cpc.get("ratio_learning_point") else "not resolved (at or below 0)")
         )
         profile_key = "polling"
     elif key == "restart_all_back":
@@ -481,8 +509,8 @@ def table(results: dict[str, Any], targets: list[dict[str, Any]]) -> str:
             f"{_fmt(_ratio(st_ms['p99'], bl['p99']))}x (p99)" if mode == "streaming" else "—", "—", "—",
         ))  # fmt: skip
     rows.append((
-        "Server CPU per change learned, polling / streaming (learning only; with writes)",
-        f"{cpc['ratio_learning']:.0f}x; {cpc['ratio_total']:.1f}x", "—", "—", "≥ 100x", verdict("streaming_vs_polling"),
+        "Server CPU per change learned, polling / streaming (learning only, lower bound; with writes)",
+        f"≥ {cpc['ratio_learning']:.0f}x; {cpc['ratio_total']:.1f}x", "—", "—", "≥ 100x", verdict("streaming_vs_polling"),
     ))  # fmt: skip
     if "restart" in results:
         rows.extend(_restart_rows(results, verdict("restart_all_back")))
@@ -598,9 +626,9 @@ def chart(results: dict[str, Any], targets: list[dict[str, Any]], path: Path) ->
           [("poll p50", p["polling"]["staleness_ms"]["p50"], poll_c), ("poll p99", p["polling"]["staleness_ms"]["p99"], poll_c),
            ("stream p50", p["streaming"]["staleness_ms"]["p50"], ours_c),
            ("stream p99", p["streaming"]["staleness_ms"]["p99"], ours_c)], None, "ms", log=True)  # fmt: skip
-    panel(axes[1][3], "streaming_vs_polling", f"CPU per change learned: ratio {cpc['ratio_learning']:.0f}x (≥ 100x)",
+    panel(axes[1][3], "streaming_vs_polling", f"CPU per change learned: ratio ≥ {cpc['ratio_learning']:.0f}x (target ≥ 100x)",
           [("poll\nlearning", cpc["polling"]["learning_cpu_ms_per_change"], poll_c),
-           ("stream\nlearning", max(cpc["streaming"]["learning_cpu_ms_per_change"], 1e-3), ours_c),
+           ("stream\nlearning", cpc["streaming"]["learning_cpu_ms_per_change_upper"], ours_c),
            ("poll\ntotal", cpc["polling"]["cpu_ms_per_change"], poll_c),
            ("stream\ntotal", cpc["streaming"]["cpu_ms_per_change"], ours_c)], None, "CPU ms per change", log=True)  # fmt: skip
     if restart:

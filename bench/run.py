@@ -55,6 +55,7 @@ class Scale:
     warmup: float  # seconds of load before the first throughput measurement on a server
     bare_payload: int  # padding bytes of each bare stream message (~ a SessionEvent's size)
     restart_back_timeout: float = 60.0  # restart phase: how long the watchers get to come back
+    stream_pairs: int = 3  # polling phase: paired windows (watched sessions' changes, then unwatched ones')
 
 
     @classmethod
@@ -72,7 +73,7 @@ class Scale:
             quick=True, small=100, large=1000, change_rate=100.0, latency_window=3.0, idle_window=3.0,
             throughput_window=3.0, inflight=64, storm=1000, lag_sessions=100, lag_spread=3.0, lag_timeout=1.0,
             pollers=100, poll_interval=1.0, poll_window=6.0, change_every=30.0, profile_seconds=2.0, warmup=0.5, bare_payload=400,
-            restart_back_timeout=15.0,
+            restart_back_timeout=15.0, stream_pairs=2,
         )  # fmt: skip
 
 
@@ -569,20 +570,24 @@ class Bench:
 
     async def polling_phase(self) -> dict[str, Any]:
         s = self.scale
-        server = await start_flowsession(self.procs, self.workdir / "polling.db")
+        # Heartbeats every 10 min: at the default 30 s, streams idle through a baseline window would get
+        # theirs there, inside the very windows their deliveries are measured against.
+        server = await start_flowsession(self.procs, self.workdir / "polling.db", "--watch-heartbeat", "600")
         pid = server.pid
         out: dict[str, Any] = {}
         try:
             await self.connect(server)
             (flow_id,) = await self.drivers[0].call("create_flows", timeouts_s=[None])
             ids = (await self.closed("create_sessions", flow_id=flow_id, count=s.pollers))["ids"]
+            # As many sessions again that nobody watches: the same change load on them is the streaming baseline.
+            unwatched = (await self.closed("create_sessions", flow_id=flow_id, count=s.pollers))["ids"]
             parts = split(ids, len(self.watchers))
             rate = len(ids) / s.change_every
             out.update(clients=len(ids), change_rate=rate, change_every_s=s.change_every,
                        poll_interval_s=s.poll_interval, window_s=s.poll_window)  # fmt: skip
 
-            async def changes() -> tuple[dict[str, Any], dict[str, float]]:
-                order = list(ids)
+            async def changes(targets: list[str] = ids) -> tuple[dict[str, Any], dict[str, float]]:
+                order = list(targets)
                 random.shuffle(order)  # round-robin over a shuffled order: each session every change_every s
                 win = Window(pid).start()
                 sent = await self.drivers[0].call("changes_paced", ids=order, rate=rate, duration=s.poll_window, call_timeout=LONG)
@@ -616,31 +621,41 @@ class Bench:
                 "staleness_ms": stats.summary(x for p in polled for x in p["staleness_ms"]),
             }
             self.log(f"  polling: staleness {out['polling']['staleness_ms']}, cpu {win['server_cpu_s']:.2f} s")
-            # streaming
+            # streaming: its learning CPU is small against one window's noise, so it is measured over
+            # paired windows with the streams open throughout: changes to the watched sessions, then the
+            # same load on the unwatched ones. A pair differs only in the deliveries.
             opened, _ = await self.open_streams("watch_open", ids)  # split the same way as ``parts``
-            await self.all_watchers("watch_mark", recording=True)
-            sent, win = await changes()
-            per_item = sent.pop("per_item")
-            # the streams were opened over split(ids) in the same order as parts
-            waits = await asyncio.gather(
-                *(w.call("wait_received", count=expected_for(per_item, p), timeout=30.0, call_timeout=60)
-                  for w, p in zip(self.watchers, parts))
-            )  # fmt: skip
-            collected = await self.all_watchers("watch_collect")
-            out["streaming"] = {
-                "sent": sent,
-                "window": win,
-                "streams": opened["streams"],
-                "changes_made": sum(per_item.values()),
-                "changes_learned": sum(c["received"] for c in collected),
-                "all_learned": all(w["reached"] for w in waits),
-                "staleness_ms": stats.summary(x for c in collected for x in c["latencies_ms"]),
-            }
-            self.log(f"  streaming: staleness {out['streaming']['staleness_ms']}, cpu {win['server_cpu_s']:.2f} s")
+            pairs, latencies = [], []
+            for _ in range(s.stream_pairs):
+                await self.all_watchers("watch_mark", recording=True)
+                sent, win = await changes(ids)
+                per_item = sent.pop("per_item")
+                waits = await asyncio.gather(
+                    *(w.call("wait_received", count=expected_for(per_item, p), timeout=30.0, call_timeout=60)
+                      for w, p in zip(self.watchers, parts))
+                )  # fmt: skip
+                collected = await self.all_watchers("watch_collect")
+                latencies += [x for c in collected for x in c["latencies_ms"]]
+                base_sent, base_win = await changes(unwatched)
+                base_sent.pop("per_item")
+                pairs.append({
+                    "sent": sent, "window": win, "baseline_sent": base_sent, "baseline_window": base_win,
+                    "changes_made": sum(per_item.values()), "changes_learned": sum(c["received"] for c in collected),
+                    "all_learned": all(w["reached"] for w in waits),
+                })  # fmt: skip
             await self.all_watchers("watch_close")
-            # the change load alone once more: the baseline is the mean of the runs before and after
-            sent, win = await changes()
-            out["changes_only_runs"].append(win)
+            out["streaming"] = {
+                "streams": opened["streams"],
+                "pairs": pairs,
+                "window": _mean_windows([pr["window"] for pr in pairs]),
+                "changes_made": sum(pr["changes_made"] for pr in pairs),
+                "changes_learned": sum(pr["changes_learned"] for pr in pairs),
+                "all_learned": all(pr["all_learned"] for pr in pairs),
+                "staleness_ms": stats.summary(latencies),
+            }
+            self.log(f"  streaming: staleness {out['streaming']['staleness_ms']}, cpu {out['streaming']['window']['server_cpu_s']:.2f} s")
+            # The polling baseline: the change load alone, before polling and in every pair.
+            out["changes_only_runs"] += [pr["baseline_window"] for pr in pairs]
             out["changes_only"]["window"] = _mean_windows(out["changes_only_runs"])
             if report.cpu_per_change({"polling": out})["ratio_learning"] < 100.0 and self.do_profile:
                 await asyncio.gather(
