@@ -364,9 +364,10 @@ def notes_for(target: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]
             polls_per_change = p["change_every_s"] / p["poll_interval_s"]
             poll_ms = cpc["polling"]["learning_cpu_ms_per_change"] / polls_per_change
             facts.append(
-                f"one poll costs {poll_ms:.2f} ms and one bare stream message about {delivery_us:,.0f} µs, so even at "
-                f"the bare stack's delivery cost streaming could be at most about "
-                f"{polls_per_change * poll_ms * 1000 / delivery_us:.0f}x cheaper at this change rate"
+                f"one poll costs {poll_ms:.2f} ms and one bare stream message roughly {delivery_us:,.0f} µs (a bare "
+                f"publish and delivery at the latency runs' rate minus a bare echo), so at the bare stack's cost per "
+                f"delivery streaming would be about {polls_per_change * poll_ms * 1000 / delivery_us:.0f}x cheaper at "
+                f"this change rate"
             )
         sc = cpc["streaming"]
         facts.append(

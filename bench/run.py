@@ -828,7 +828,7 @@ class Bench:
         results["bare"] = await self.timed("bare", self.bare_phase, 180)
         results["main"] = await self.timed("main", lambda: self.main_phase(results["bare"]["echo"]["rate"]), 300)
         results["expiry"] = await self.timed("expiry", lambda: self.expiry_phase(results["main"]["memory"]["opens_per_s"]), 240)
-        results["polling"] = await self.timed("polling", self.polling_phase, 240)
+        results["polling"] = await self.timed("polling", self.polling_phase, 420)
         try:  # a failed storm is a finding, not a reason to lose the other phases' figures
             results["restart"] = await self.timed("restart", self.restart_phase, 120)
         except Exception as exc:  # noqa: BLE001 - recorded; the target fails with it
