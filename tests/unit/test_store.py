@@ -797,6 +797,31 @@ def test_a_write_lock_held_elsewhere_too_long_fails_the_batch_then_writes_resume
     run(tmp_path, body)
 
 
+def test_an_unexpected_error_in_a_batch_refuses_its_calls_and_the_writer_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_commit_batch = writer.Writer._commit_batch
+    broken = {"once": True}
+
+    async def commit_batch(self: writer.Writer, batch: Any) -> None:
+        if broken.pop("once", False):
+            assert self._conn is not None
+            self._conn.execute("BEGIN IMMEDIATE")  # fail with the transaction open: it must be rolled back
+            raise RuntimeError("a bug in the writer")
+        await real_commit_batch(self, batch)
+
+    monkeypatch.setattr(writer.Writer, "_commit_batch", commit_batch)
+
+    async def body(store: Store, rec: Recorder) -> None:
+        with pytest.raises(Unavailable) as info:
+            await store.create_flow("kyc", "identity check")
+        assert info.value.reason == "STORE_UNAVAILABLE"
+        flow = await published_flow(store)  # the writer still runs, outside any leftover transaction
+        assert (await create(store, flow.flow_id, "ses_1")).version == 1
+
+    run(tmp_path, body)
+
+
 def test_callers_hear_back_even_if_on_commit_raises(tmp_path: Path) -> None:
     class FailingOnce(Recorder):
         armed = False

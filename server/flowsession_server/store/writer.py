@@ -120,7 +120,13 @@ class Writer:
                 await self._wake.wait()
                 continue
             batch = [self._jobs.popleft() for _ in range(min(len(self._jobs), self._max_batch))]
-            await self._commit_batch(batch)
+            try:
+                await self._commit_batch(batch)
+            except Exception:  # a bug here must not leave callers waiting, nor stop the writer
+                log.exception("write batch failed")
+                await self._rollback()
+                failure = Unavailable("the store could not commit", reason="STORE_UNAVAILABLE", retry_after=1.0)
+                _resolve(self._on_commit, [(job, failure) for job in batch], [])
 
     async def _commit_batch(self, batch: list[_Job]) -> None:
         conn = self._conn
@@ -133,11 +139,7 @@ class Writer:
             await self._on_disk(conn.execute, "COMMIT")
         except sqlite3.Error as exc:
             log.exception("commit failed; %d commands are refused", len(batch))
-            if conn.in_transaction:
-                try:
-                    await self._on_disk(conn.execute, "ROLLBACK")
-                except sqlite3.Error:
-                    log.exception("rollback failed too")
+            await self._rollback()
             self._set_health(False)
             failure = Unavailable(f"the store could not commit: {exc}", reason="STORE_UNAVAILABLE", retry_after=1.0)
             _resolve(self._on_commit, [(job, failure) for job in batch], [])
@@ -145,6 +147,14 @@ class Writer:
         self._set_health(True)
         events = [ev for _, done in results if isinstance(done, Done) for ev in done.events]
         _resolve(self._on_commit, results, events)
+
+    async def _rollback(self) -> None:
+        assert self._conn is not None
+        if self._conn.in_transaction:
+            try:
+                await self._on_disk(self._conn.execute, "ROLLBACK")
+            except sqlite3.Error:
+                log.exception("rollback failed too")
 
     async def _begin(self, conn: sqlite3.Connection) -> None:
         try:
@@ -176,7 +186,10 @@ class Writer:
     def _set_health(self, healthy: bool) -> None:
         if healthy != self.healthy:
             self.healthy = healthy
-            self._on_health(healthy)
+            try:
+                self._on_health(healthy)
+            except Exception:  # after a COMMIT: the callers must still hear that it committed
+                log.exception("on_health failed")
 
 
 def _begin_waiting(conn: sqlite3.Connection) -> None:
