@@ -8,10 +8,11 @@ depend on thread timing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -134,19 +135,26 @@ def abort(reason: str = "user left") -> Verb:
     return lambda s, _fv, now: lifecycle.abort(s, reason=reason, now=now)
 
 
+@contextlib.contextmanager
+def write_lock_held(path: str) -> Iterator[None]:
+    """Another connection (as another process would) holds the write lock inside the block."""
+    gate = sqlite3.connect(path, isolation_level=None)
+    try:
+        gate.execute("BEGIN IMMEDIATE")
+        yield
+        gate.execute("ROLLBACK")
+    finally:
+        gate.close()
+
+
 async def gathered_in_one_go(path: str, *calls: Awaitable[Any]) -> list[Any]:
     """Runs ``calls`` concurrently while another connection holds the write lock, so every command
     is queued before the writer can commit any: they land in at most two batches (the writer may
     already hold the first one while it waits for the lock). Results and exceptions, in call order."""
-    gate = sqlite3.connect(path, isolation_level=None)
-    try:
-        gate.execute("BEGIN IMMEDIATE")
+    with write_lock_held(path):
         gathered = asyncio.gather(*calls, return_exceptions=True)
         # One turn of the loop: every call has run up to awaiting its future, i.e. has queued its command.
         await asyncio.sleep(0)
-        gate.execute("ROLLBACK")
-    finally:
-        gate.close()
     return await gathered
 
 
@@ -757,17 +765,12 @@ def test_a_write_waiting_for_another_process_lock_leaves_the_event_loop_free(tmp
 
     async def body(store: Store, rec: Recorder) -> None:
         flow = await published_flow(store)
-        gate = sqlite3.connect(db(tmp_path), isolation_level=None)
-        try:
-            gate.execute("BEGIN IMMEDIATE")
+        with write_lock_held(db(tmp_path)):
             pending = asyncio.ensure_future(store.create_session(new_session(flow.flow_id, "ses_1"), None))
             for _ in range(50):  # many turns of the loop while the write waits
                 await asyncio.sleep(0)
             assert not pending.done()
             assert (await store.get_flow(flow.flow_id)).flow_id == flow.flow_id  # reads go on meanwhile
-            gate.execute("ROLLBACK")
-        finally:
-            gate.close()
         session, _ = await asyncio.wait_for(pending, DEADLINE_S)
         assert session.version == 1 and rec.events[-1].session_id == "ses_1"
 
@@ -781,16 +784,11 @@ def test_a_write_lock_held_elsewhere_too_long_fails_the_batch_then_writes_resume
 
     async def body(store: Store, rec: Recorder) -> None:
         flow = await published_flow(store)
-        gate = sqlite3.connect(db(tmp_path), isolation_level=None)
-        try:
-            gate.execute("BEGIN IMMEDIATE")
+        with write_lock_held(db(tmp_path)):
             with pytest.raises(Unavailable) as info:
                 await store.create_session(new_session(flow.flow_id, "ses_1"), None)
             assert info.value.reason == "STORE_UNAVAILABLE" and info.value.retry_after
             assert rec.health[-1] is False and not store.writable
-            gate.execute("ROLLBACK")
-        finally:
-            gate.close()
         session, _ = await store.create_session(new_session(flow.flow_id, "ses_1"), None)
         assert session.version == 1 and rec.health[-1] is True
 
