@@ -5,12 +5,13 @@ SAVEPOINT so a failing command rolls back alone, and the batch costs one fsync. 
 asyncio future. Committed events are handed to ``on_commit`` in commit order, before the callers'
 futures resolve.
 
-Where the work runs: a batch's statements run on the event loop (page-cache work of microseconds),
-and only what waits runs on the writer's disk thread: COMMIT (the fsync) and, when another process
-holds the write lock, BEGIN. So the loop never waits on the disk or on another process. A writer
-thread running the statements itself had to win the GIL back from the busy event loop after every
-statement, which delayed each commit: in the bench, watch delivery p99 at 1,000 changes/s was 2-9x
-lower with this split, at the same CPU per change.
+Where the work runs: the commands and their statements run on the event loop (Python and SQLite's
+page-cache work, which held the GIL most of the time anyway), and only what waits runs on the
+writer's disk thread: COMMIT (the fsync) and, when another process holds the write lock, BEGIN. So
+the loop never waits on the disk or on another process. A writer thread running the statements
+itself had to win the GIL back from the busy event loop after every statement, which delayed each
+commit: in the bench, watch delivery p99 at 1,000 changes/s was 2-9x lower with this split, at the
+same CPU per change.
 """
 from __future__ import annotations
 
