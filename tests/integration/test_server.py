@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from flowsession.client import connect
+from flowsession.client import FlowsessionError, connect
 from flowsession.v1 import session_pb2, session_service_pb2 as spb
 from flowsession_server.api import tokens
 from flowsession_server.domain.errors import Unavailable
@@ -48,7 +48,8 @@ def test_environment_variables_configure_serve(tmp_path):
 
 def test_sigterm_ends_watches_with_unavailable_finishes_writes_and_exits_0(tmp_path):
     db = tmp_path / "flowsession.db"
-    proc = ServerProcess(db)
+    # A grace period far longer than the waits below: no open stream, health watches included, may hold it.
+    proc = ServerProcess(db, "--shutdown-grace", "120")
     acked: list[str] = []
     try:
         with connect(proc.address) as client:
@@ -75,12 +76,11 @@ def test_sigterm_ends_watches_with_unavailable_finishes_writes_and_exits_0(tmp_p
                 assert started.wait(TIMEOUT)
                 proc.proc.send_signal(15)
                 assert next(health).status == health_pb2.HealthCheckResponse.NOT_SERVING
-                health.cancel()  # health watches never end by themselves; don't hold the grace period
-                try:
-                    next(stream)
-                    raise AssertionError("the watch stream should have ended")
-                except grpc.RpcError as err:
-                    assert err.code() is grpc.StatusCode.UNAVAILABLE
+                for ending in (health, stream):  # both end with UNAVAILABLE / SHUTTING_DOWN
+                    with pytest.raises(grpc.RpcError) as info:
+                        next(ending)
+                    error = FlowsessionError.from_rpc_error(info.value)
+                    assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN")
                 for w in workers:
                     w.result(timeout=TIMEOUT)
             assert proc.proc.wait(TIMEOUT) == 0
@@ -137,6 +137,21 @@ def test_client_watch_resumes_across_a_server_restart_without_gap_or_duplicate(t
                 second.close()
     finally:
         first.close()
+
+
+def test_health_watches_opened_during_shutdown_are_told_not_serving_and_end(server, client):
+    stub = health_pb2_grpc.HealthStub(client._channel)
+    open_before = stub.Watch(health_pb2.HealthCheckRequest(service="flowsession.v1.SessionService"), timeout=TIMEOUT)
+    assert next(open_before).status == health_pb2.HealthCheckResponse.SERVING
+    server.call(server.server.health.close())  # what stop() does first, before the listener closes
+    assert next(open_before).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    opened_after = stub.Watch(health_pb2.HealthCheckRequest(), timeout=TIMEOUT)
+    assert next(opened_after).status == health_pb2.HealthCheckResponse.NOT_SERVING
+    for stream in (open_before, opened_after):
+        with pytest.raises(grpc.RpcError) as info:
+            next(stream)
+        assert FlowsessionError.from_rpc_error(info.value).reason == "SHUTTING_DOWN"
+    assert stub.Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT).status == health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 def test_health_is_not_serving_while_the_store_cannot_commit(server, client):

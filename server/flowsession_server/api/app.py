@@ -19,6 +19,7 @@ from ..expiry import ExpiryScheduler
 from ..retention import Retention
 from ..store.store import Store
 from .flow_service import FlowService
+from .health import Health
 from .session_service import SessionService
 from .streams import Streams, WatchSettings
 
@@ -59,7 +60,7 @@ class FlowsessionServer:
         self.expiry = ExpiryScheduler(self.store, clock)
         self.feed = Feed(self.store, [self.hub.publish, self.expiry.observe], poll_interval=settings.feed_poll)
         self.retention = Retention(self.store, settings.event_retention)
-        self.health = health.aio.HealthServicer()
+        self.health = Health()
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
         self.port = 0
         self._stopped = asyncio.Event()
@@ -109,7 +110,7 @@ class FlowsessionServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        await self._publish_health()
+        await self.health.close()
         self.hub.close()
         await self.server.stop(self.settings.shutdown_grace if grace is None else grace)
         await self.retention.stop()

@@ -1,0 +1,77 @@
+"""grpc's health servicer, except that its Watch streams end when the server shuts down.
+
+A health Watch never ends by itself, and clients with gRPC client-side health checking keep one open per
+connection, so each would hold a SIGTERM for the whole grace period. Here shutdown first sends every
+watcher NOT_SERVING, then ends its stream with UNAVAILABLE / SHUTTING_DOWN, as the session watch streams
+end, and the client's channel moves on.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2
+
+from ..domain.errors import Unavailable
+from . import errors
+
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+# How long shutdown waits for every watcher to be sent NOT_SERVING before ending the streams anyway.
+TELL_TIMEOUT = 2.0
+
+
+def _shutting_down() -> Unavailable:
+    return Unavailable("the server is shutting down", reason="SHUTTING_DOWN", retry_after=1.0)
+
+
+class _Telling:
+    """The watch's context; notes when NOT_SERVING has been written after shutdown began."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, servicer: Health):
+        self._context = context
+        self._servicer = servicer
+        self.told = asyncio.Event()
+
+    async def write(self, message: health_pb2.HealthCheckResponse) -> None:
+        await self._context.write(message)
+        if self._servicer.closing and message.status == NOT_SERVING:
+            self.told.set()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+
+class Health(health.aio.HealthServicer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.closing = False
+        self._watches: dict[asyncio.Task[None], _Telling] = {}
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+        if not self.closing:
+            telling = _Telling(context, self)
+            watch = asyncio.ensure_future(super().Watch(request, telling))
+            self._watches[watch] = telling
+            try:
+                await watch
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    raise  # the client went away
+            finally:
+                del self._watches[watch]
+        else:  # opened while shutting down
+            await context.write(health_pb2.HealthCheckResponse(status=NOT_SERVING))
+        await context.abort_with_status(errors.status_for(_shutting_down()))
+
+    async def close(self) -> None:
+        """Every service NOT_SERVING from now on; each watcher is told, then its stream ends."""
+        self.closing = True
+        await self.enter_graceful_shutdown()
+        if self._watches:
+            told = [asyncio.ensure_future(t.told.wait()) for t in self._watches.values()]
+            _, late = await asyncio.wait(told, timeout=TELL_TIMEOUT)  # a watch of an unknown service is never told
+            for waiting in late:
+                waiting.cancel()
+        for watch in list(self._watches):
+            watch.cancel()
