@@ -32,6 +32,11 @@ NUMERIC_FLAGS: tuple[tuple[str, type, float, float, str], ...] = (
 )  # fmt: skip
 
 
+def _dest(flag: str) -> str:
+    """``--watch-queue`` -> ``watch_queue``: argparse's attribute, and (upper-cased) the variable's suffix."""
+    return flag.removeprefix("--").replace("-", "_")
+
+
 def _from_env(variable: str, kind: type, default: float) -> float:
     text = os.environ.get(variable)
     if text is None:
@@ -61,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
         help="SQLite synchronous mode; FULL survives a power cut",
     )
     for flag, kind, default, minimum, text in NUMERIC_FLAGS:
-        variable = "FLOWSESSION_" + flag.removeprefix("--").replace("-", "_").upper()
+        variable = "FLOWSESSION_" + _dest(flag).upper()
         serve.add_argument(flag, type=kind, default=_from_env(variable, kind, default), help=f"{text} (at least {minimum})")
     serve.add_argument("--log-level", default=env("FLOWSESSION_LOG_LEVEL", "INFO"))
     return parser
@@ -74,7 +79,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if args.synchronous not in ("FULL", "NORMAL"):  # argparse does not check env-var defaults
         raise SystemExit(f"--synchronous must be FULL or NORMAL, not {args.synchronous!r}")
     for flag, _kind, _default, minimum, _text in NUMERIC_FLAGS:  # argparse does not check ranges
-        if getattr(args, flag.removeprefix("--").replace("-", "_")) < minimum:
+        if getattr(args, _dest(flag)) < minimum:
             raise SystemExit(f"{flag} must be at least {minimum}")
     return replace(
         Settings(),

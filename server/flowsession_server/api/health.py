@@ -21,10 +21,6 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 TELL_TIMEOUT = 2.0
 
 
-def _shutting_down() -> Unavailable:
-    return Unavailable("the server is shutting down", reason="SHUTTING_DOWN", retry_after=1.0)
-
-
 class _Telling:
     """The watch's context; notes when NOT_SERVING has been written after shutdown began."""
 
@@ -62,7 +58,7 @@ class Health(health.aio.HealthServicer):
                 del self._watches[watch]
         else:  # opened while shutting down
             await context.write(health_pb2.HealthCheckResponse(status=NOT_SERVING))
-        await context.abort_with_status(errors.status_for(_shutting_down()))
+        await context.abort_with_status(errors.status_for(Unavailable.shutting_down()))
 
     async def close(self) -> None:
         """Every service NOT_SERVING from now on; each watcher is told, then its stream ends."""

@@ -79,6 +79,11 @@ class Unavailable(DomainError):
         super().__init__(message, **kwargs)
         self.retry_after = retry_after
 
+    @classmethod
+    def shutting_down(cls, what_to_do: str = "retry on another server or shortly") -> Unavailable:
+        """What every call and stream the stopping server refuses or ends gets."""
+        return cls(f"the server is shutting down; {what_to_do}", reason="SHUTTING_DOWN", retry_after=1.0)
+
 
 @dataclass
 class Violations:

@@ -152,7 +152,7 @@ class Hub:
 
     def close(self) -> None:
         """Shutdown: every open watch ends with UNAVAILABLE so clients resume elsewhere or later."""
-        self._closed = Unavailable("the server is shutting down; resume the watch", reason="SHUTTING_DOWN", retry_after=1.0)
+        self._closed = Unavailable.shutting_down("resume the watch")
         for index in (self._by_session, self._by_environment):
             for watchers in list(index.values()):
                 for watcher in list(watchers):

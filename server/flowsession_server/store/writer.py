@@ -91,7 +91,7 @@ class Writer:
     async def submit(self, command: Command) -> Any:
         """Runs ``command`` in the next batch; returns its value or raises its error."""
         if self._closing:
-            raise Unavailable("the server is shutting down", reason="SHUTTING_DOWN")
+            raise Unavailable.shutting_down()
         assert self._loop is not None
         future: asyncio.Future[Any] = self._loop.create_future()
         self._jobs.append(_Job(command, future))
@@ -126,8 +126,7 @@ class Writer:
             except Exception:  # a bug here must not leave callers waiting, nor stop the writer
                 log.exception("write batch failed")
                 await self._rollback()
-                failure = Unavailable("the store could not commit", reason="STORE_UNAVAILABLE", retry_after=1.0)
-                _resolve(self._on_commit, [(job, failure) for job in batch], [])
+                self._refuse(batch, "the store could not commit")
 
     async def _commit_batch(self, batch: list[_Job]) -> None:
         conn = self._conn
@@ -142,12 +141,15 @@ class Writer:
             log.exception("commit failed; %d commands are refused", len(batch))
             await self._rollback()
             self._set_health(False)
-            failure = Unavailable(f"the store could not commit: {exc}", reason="STORE_UNAVAILABLE", retry_after=1.0)
-            _resolve(self._on_commit, [(job, failure) for job in batch], [])
+            self._refuse(batch, f"the store could not commit: {exc}")
             return
         self._set_health(True)
         events = [ev for _, done in results if isinstance(done, Done) for ev in done.events]
         _resolve(self._on_commit, results, events)
+
+    def _refuse(self, batch: list[_Job], message: str) -> None:
+        failure = Unavailable(message, reason="STORE_UNAVAILABLE", retry_after=1.0)
+        _resolve(self._on_commit, [(job, failure) for job in batch], [])
 
     async def _rollback(self) -> None:
         assert self._conn is not None
