@@ -57,7 +57,9 @@ class Feed(BackgroundLoop):
         next_full_check = loop.time() + FULL_CHECK_INTERVAL
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), timeout=self._poll_interval)
+                # asyncio.timeout, not wait_for: no task per poll, and the poll runs 50 times a second.
+                async with asyncio.timeout(self._poll_interval):
+                    await self._wake.wait()
                 woken = True
             except TimeoutError:
                 woken = False
