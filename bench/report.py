@@ -37,10 +37,11 @@ METHOD = {
     "round-robin); pollers call GetSession every 1 s with a random phase; staleness = receipt - update_time of the "
     "newly seen version (polling) or receipt - event_time (streaming); polling's learning CPU = server CPU during "
     "the window minus the mean of the same change load with no clients (one run before polling, one in every "
-    "streaming pair); streaming's = the mean over stream_pairs paired windows, streams open throughout, of the "
-    "server CPU while the watched sessions change minus the same load on as many unwatched sessions; the ratio "
-    "takes streaming's at mean + 2 standard errors, so it is a lower bound; this phase's server sends heartbeats "
-    "only after 600 s idle, so none falls in the windows",
+    "streaming pair); streaming's = the mean over stream_pairs paired windows of the server CPU during the same "
+    "change load with one WatchSession per session (opened just before the window, default 30 s heartbeat, so the "
+    "streams' upkeep counts as the polls do) minus the load with no streams; pairs alternate which window runs "
+    "first, so a drift over the phase cancels; the ratio takes streaming's at mean + 2 standard errors, so it is a "
+    "lower bound",
     "profiles": "only for missed targets: py-spy record --gil --native on the server during a re-run of the workload",
     "restart": "a server on a fixed loopback port (picked free, below the ephemeral range) with one WatchSession per "
     "RUNNING session, opened by facade-style followers (bench/worker.py _follow: resumes on what "

@@ -55,7 +55,7 @@ class Scale:
     warmup: float  # seconds of load before the first throughput measurement on a server
     bare_payload: int  # padding bytes of each bare stream message (~ a SessionEvent's size)
     restart_back_timeout: float = 60.0  # restart phase: how long the watchers get to come back
-    stream_pairs: int = 3  # polling phase: paired windows (watched sessions' changes, then unwatched ones')
+    stream_pairs: int = 4  # polling phase: paired windows (changes with streams open / with none), alternating order
 
 
     @classmethod
@@ -570,24 +570,21 @@ class Bench:
 
     async def polling_phase(self) -> dict[str, Any]:
         s = self.scale
-        # Heartbeats every 10 min: at the default 30 s, streams idle through a baseline window would get
-        # theirs there, inside the very windows their deliveries are measured against.
-        server = await start_flowsession(self.procs, self.workdir / "polling.db", "--watch-heartbeat", "600")
+        server = await start_flowsession(self.procs, self.workdir / "polling.db")
         pid = server.pid
         out: dict[str, Any] = {}
         try:
             await self.connect(server)
             (flow_id,) = await self.drivers[0].call("create_flows", timeouts_s=[None])
             ids = (await self.closed("create_sessions", flow_id=flow_id, count=s.pollers))["ids"]
-            # As many sessions again that nobody watches: the same change load on them is the streaming baseline.
-            unwatched = (await self.closed("create_sessions", flow_id=flow_id, count=s.pollers))["ids"]
             parts = split(ids, len(self.watchers))
             rate = len(ids) / s.change_every
             out.update(clients=len(ids), change_rate=rate, change_every_s=s.change_every,
                        poll_interval_s=s.poll_interval, window_s=s.poll_window)  # fmt: skip
 
-            async def changes(targets: list[str] = ids) -> tuple[dict[str, Any], dict[str, float]]:
-                order = list(targets)
+            async def changes() -> tuple[dict[str, Any], dict[str, float]]:
+                await settle(pid)  # streams just opened or closed, pollers just stopped
+                order = list(ids)
                 random.shuffle(order)  # round-robin over a shuffled order: each session every change_every s
                 win = Window(pid).start()
                 sent = await self.drivers[0].call("changes_paced", ids=order, rate=rate, duration=s.poll_window, call_timeout=LONG)
@@ -621,29 +618,39 @@ class Bench:
                 "staleness_ms": stats.summary(x for p in polled for x in p["staleness_ms"]),
             }
             self.log(f"  polling: staleness {out['polling']['staleness_ms']}, cpu {win['server_cpu_s']:.2f} s")
-            # streaming: its learning CPU is small against one window's noise, so it is measured over
-            # paired windows with the streams open throughout: changes to the watched sessions, then the
-            # same load on the unwatched ones. A pair differs only in the deliveries.
-            opened, _ = await self.open_streams("watch_open", ids)  # split the same way as ``parts``
+            # streaming: its learning CPU is small against one window's noise, so it is the mean of paired
+            # windows: the same change load with the streams open (opened just before, at the default
+            # heartbeat, so their upkeep counts as polling's polls do) and with no streams at all. Pairs
+            # alternate which window comes first, so a drift of the server's cost over the phase cancels.
             pairs, latencies = [], []
-            for _ in range(s.stream_pairs):
-                await self.all_watchers("watch_mark", recording=True)
-                sent, win = await changes(ids)
-                per_item = sent.pop("per_item")
-                waits = await asyncio.gather(
-                    *(w.call("wait_received", count=expected_for(per_item, p), timeout=30.0, call_timeout=60)
-                      for w, p in zip(self.watchers, parts))
-                )  # fmt: skip
-                collected = await self.all_watchers("watch_collect")
-                latencies += [x for c in collected for x in c["latencies_ms"]]
-                base_sent, base_win = await changes(unwatched)
-                base_sent.pop("per_item")
+            for i in range(s.stream_pairs):
+                arms: dict[str, Any] = {}
+                for arm in ("streams", "none") if i % 2 == 0 else ("none", "streams"):
+                    if arm == "none":
+                        base_sent, base_win = await changes()
+                        base_sent.pop("per_item")
+                        arms["none"] = (base_sent, base_win)
+                        continue
+                    opened, _ = await self.open_streams("watch_open", ids)  # split the same way as ``parts``
+                    await self.all_watchers("watch_mark", recording=True)
+                    sent, win = await changes()
+                    per_item = sent.pop("per_item")
+                    waits = await asyncio.gather(
+                        *(w.call("wait_received", count=expected_for(per_item, p), timeout=30.0, call_timeout=60)
+                          for w, p in zip(self.watchers, parts))
+                    )  # fmt: skip
+                    collected = await self.all_watchers("watch_collect")
+                    await self.all_watchers("watch_close")
+                    latencies += [x for c in collected for x in c["latencies_ms"]]
+                    arms["streams"] = (sent, win, sum(per_item.values()), sum(c["received"] for c in collected),
+                                       all(w["reached"] for w in waits))  # fmt: skip
+                sent, win, made, learned, all_learned = arms["streams"]
+                base_sent, base_win = arms["none"]
                 pairs.append({
                     "sent": sent, "window": win, "baseline_sent": base_sent, "baseline_window": base_win,
-                    "changes_made": sum(per_item.values()), "changes_learned": sum(c["received"] for c in collected),
-                    "all_learned": all(w["reached"] for w in waits),
+                    "changes_made": made, "changes_learned": learned, "all_learned": all_learned,
+                    "streams_first": i % 2 == 0,
                 })  # fmt: skip
-            await self.all_watchers("watch_close")
             out["streaming"] = {
                 "streams": opened["streams"],
                 "pairs": pairs,
