@@ -622,37 +622,36 @@ class Bench:
             # windows: the same change load with the streams open (opened just before, at the default
             # heartbeat, so their upkeep counts as polling's polls do) and with no streams at all. Pairs
             # alternate which window comes first, so a drift of the server's cost over the phase cancels.
-            pairs, latencies = [], []
+            latencies: list[float] = []
+
+            async def with_streams() -> dict[str, Any]:
+                await self.open_streams("watch_open", ids)  # split the same way as ``parts``; all or it raises
+                await self.all_watchers("watch_mark", recording=True)
+                sent, win = await changes()
+                per_item = sent.pop("per_item")
+                waits = await asyncio.gather(
+                    *(w.call("wait_received", count=expected_for(per_item, p), timeout=30.0, call_timeout=60)
+                      for w, p in zip(self.watchers, parts))
+                )  # fmt: skip
+                collected = await self.all_watchers("watch_collect")
+                await self.all_watchers("watch_close")
+                latencies.extend(x for c in collected for x in c["latencies_ms"])
+                return {
+                    "sent": sent, "window": win, "changes_made": sum(per_item.values()),
+                    "changes_learned": sum(c["received"] for c in collected), "all_learned": all(w["reached"] for w in waits),
+                }  # fmt: skip
+
+            async def without_streams() -> dict[str, Any]:
+                sent, win = await changes()
+                sent.pop("per_item")
+                return {"baseline_sent": sent, "baseline_window": win}
+
+            pairs = []
             for i in range(s.stream_pairs):
-                arms: dict[str, Any] = {}
-                for arm in ("streams", "none") if i % 2 == 0 else ("none", "streams"):
-                    if arm == "none":
-                        base_sent, base_win = await changes()
-                        base_sent.pop("per_item")
-                        arms["none"] = (base_sent, base_win)
-                        continue
-                    opened, _ = await self.open_streams("watch_open", ids)  # split the same way as ``parts``
-                    await self.all_watchers("watch_mark", recording=True)
-                    sent, win = await changes()
-                    per_item = sent.pop("per_item")
-                    waits = await asyncio.gather(
-                        *(w.call("wait_received", count=expected_for(per_item, p), timeout=30.0, call_timeout=60)
-                          for w, p in zip(self.watchers, parts))
-                    )  # fmt: skip
-                    collected = await self.all_watchers("watch_collect")
-                    await self.all_watchers("watch_close")
-                    latencies += [x for c in collected for x in c["latencies_ms"]]
-                    arms["streams"] = (sent, win, sum(per_item.values()), sum(c["received"] for c in collected),
-                                       all(w["reached"] for w in waits))  # fmt: skip
-                sent, win, made, learned, all_learned = arms["streams"]
-                base_sent, base_win = arms["none"]
-                pairs.append({
-                    "sent": sent, "window": win, "baseline_sent": base_sent, "baseline_window": base_win,
-                    "changes_made": made, "changes_learned": learned, "all_learned": all_learned,
-                    "streams_first": i % 2 == 0,
-                })  # fmt: skip
+                first, second = (with_streams, without_streams) if i % 2 == 0 else (without_streams, with_streams)
+                pairs.append({**await first(), **await second(), "streams_first": i % 2 == 0})
             out["streaming"] = {
-                "streams": opened["streams"],
+                "streams": len(ids),
                 "pairs": pairs,
                 "window": _mean_windows([pr["window"] for pr in pairs]),
                 "changes_made": sum(pr["changes_made"] for pr in pairs),
