@@ -266,6 +266,23 @@ class Bench:
             "settled_s": round(settled, 2),
         }
 
+    async def latency_runs(self, pid: int, parts: list[list[str]], key: str, *, p99_target_ms: float) -> dict[str, Any]:
+        """Delivery latency over the streams in ``parts`` at the full change rate, then (supplementary) at
+        half of it, to tell queueing from the per-event path; profiled when the full rate misses."""
+        s = self.scale
+        out: dict[str, Any] = {}
+        streams = sum(len(p) for p in parts)
+        for suffix, rate in (("", s.change_rate), ("_half_rate", s.change_rate / 2)):
+            out[key + suffix] = await self.latency_run(pid, parts, "changes", rate, s.latency_window)
+            self.log(f"  latency at {streams}{', half rate' if suffix else ''}: {out[key + suffix]['latency_ms']}")
+        if out[key]["latency_ms"]["p99"] > p99_target_ms:
+            ids = [i for p in parts for i in p]
+            await self.maybe_profile(
+                f"watch_{key}", pid,
+                lambda: self.drivers[0].call("changes_paced", ids=ids, rate=s.change_rate, duration=s.profile_seconds, call_timeout=LONG),
+            )  # fmt: skip
+        return out
+
     async def idle(self, pid: int) -> dict[str, Any]:
         win = Window(pid).start()
         await asyncio.sleep(self.scale.idle_window)  # the measurement itself: streams sitting idle
@@ -397,29 +414,12 @@ class Bench:
             out["idle"] = await self.idle(pid)
             self.log(f"  {(rss1 - rss0) / s.large / 1024:.1f} KB per idle stream; idle CPU {out['idle']['server_cpu_s']:.2f} s")
             # 1. delivery latency, 10,000 streams then 1,000
-            out["latency_large"] = await self.latency_run(pid, parts, "changes", s.change_rate, s.latency_window)
-            self.log(f"  latency at {s.large}: {out['latency_large']['latency_ms']}")
-            # supplementary: the same at half the change rate, to tell queueing from the per-event path
-            out["latency_large_half_rate"] = await self.latency_run(pid, parts, "changes", s.change_rate / 2, s.latency_window)
-            self.log(f"  latency at {s.large}, half rate: {out['latency_large_half_rate']['latency_ms']}")
-            if out["latency_large"]["latency_ms"]["p99"] > 10.0:
-                await self.maybe_profile(
-                    "watch_latency_large", pid,
-                    lambda: self.drivers[0].call("changes_paced", ids=ids, rate=s.change_rate, duration=s.profile_seconds, call_timeout=LONG),
-                )  # fmt: skip
+            out.update(await self.latency_runs(pid, parts, "latency_large", p99_target_ms=10.0))
             keep = s.small // len(self.watchers)
             small_parts = [p[:keep] for p in parts]
             await asyncio.gather(*(w.call("watch_close", keep=k, call_timeout=LONG) for w, k in zip(self.watchers, small_parts)))
             small_ids = [i for p in small_parts for i in p]
-            out["latency_small"] = await self.latency_run(pid, small_parts, "changes", s.change_rate, s.latency_window)
-            self.log(f"  latency at {s.small}: {out['latency_small']['latency_ms']}")
-            out["latency_small_half_rate"] = await self.latency_run(pid, small_parts, "changes", s.change_rate / 2, s.latency_window)
-            self.log(f"  latency at {s.small}, half rate: {out['latency_small_half_rate']['latency_ms']}")
-            if out["latency_small"]["latency_ms"]["p99"] > 5.0:
-                await self.maybe_profile(
-                    "watch_latency_small", pid,
-                    lambda: self.drivers[0].call("changes_paced", ids=small_ids, rate=s.change_rate, duration=s.profile_seconds, call_timeout=LONG),
-                )  # fmt: skip
+            out.update(await self.latency_runs(pid, small_parts, "latency_small", p99_target_ms=5.0))
             # 3. durable throughput with 1,000 watchers (the changes land on the watched sessions)
             win = Window(pid).start()
             out["change_w"] = await self.closed("changes_closed", ids=small_ids, duration=s.throughput_window)
