@@ -72,10 +72,18 @@ class Feed(BackgroundLoop):
             fingerprint = seen
             next_full_check = loop.time() + FULL_CHECK_INTERVAL
             try:
-                if await self._store.max_cursor() > self.last_cursor:
+                head = await self._store.max_cursor()
+                if head > self.last_cursor and not self._own_commit_covers(head):
                     await self._catch_up()
             except DomainError as exc:
                 log.warning("change feed could not read the log: %s", exc)
+
+    def _own_commit_covers(self, head: int) -> bool:
+        """True when every event after the last published one up to ``head`` is this process's own
+        commit, about to reach on_commit: reading it back from the log would only delay it. (Another
+        process's events cannot interleave with it: one write lock, cursors assigned under it.)"""
+        publishing = self._store.publishing
+        return publishing is not None and publishing[0] == self.last_cursor + 1 and head <= publishing[1]
 
     async def _catch_up(self) -> None:
         self._catching_up = True

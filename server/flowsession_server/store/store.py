@@ -165,6 +165,11 @@ class Store:
     async def max_cursor(self) -> int:
         return await self._read(reads.max_cursor)
 
+    @property
+    def publishing(self) -> tuple[int, int] | None:
+        """The cursor range this process has committed and not yet handed to on_commit, if any."""
+        return None if self._writer is None else self._writer.publishing
+
     def change_fingerprint(self) -> tuple[int, ...]:
         """Cheap (two stat calls, no SQL): differs after any process committed to the file, so the
         change feed reads the log only then. Coarse file times can hide a change; the feed re-reads

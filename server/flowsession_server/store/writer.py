@@ -79,6 +79,8 @@ class Writer:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.healthy = False
+        # (first, last) cursor of the events of the batch between COMMIT and on_commit, else None.
+        self.publishing: tuple[int, int] | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -136,16 +138,22 @@ class Writer:
             await self._begin(conn)
             for job in batch:
                 results.append((job, self._run_one(conn, job)))
+            events = [ev for _, done in results if isinstance(done, Done) for ev in done.events]
+            if events:
+                self.publishing = (events[0].cursor, events[-1].cursor)
             await self._on_disk(conn.execute, "COMMIT")
         except sqlite3.Error as exc:
+            self.publishing = None
             log.exception("commit failed; %d commands are refused", len(batch))
             await self._rollback()
             self._set_health(False)
             self._refuse(batch, f"the store could not commit: {exc}")
             return
         self._set_health(True)
-        events = [ev for _, done in results if isinstance(done, Done) for ev in done.events]
-        _resolve(self._on_commit, results, events)
+        try:
+            _resolve(self._on_commit, results, events)
+        finally:
+            self.publishing = None
 
     def _refuse(self, batch: list[_Job], message: str) -> None:
         failure = Unavailable(message, reason="STORE_UNAVAILABLE", retry_after=1.0)

@@ -1,0 +1,114 @@
+"""The change feed (events/feed.py) on a real store: this process's commits are published straight from
+the writer, and the log is read back only for what another process committed."""
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from flowsession_server.clock import FakeClock
+from flowsession_server.domain.model import SessionEvent
+from flowsession_server.events.feed import Feed
+from flowsession_server.store.store import Store
+
+from .test_store import DEADLINE_S, ENV, T0, Recorder, create, db, published_flow, report
+
+POLL = 0.001  # the feed looks at the log's head a thousand times a second: every race gets its chance
+
+
+async def _open_with_feed(path: str, published: list[SessionEvent]) -> tuple[Store, Feed, list[int]]:
+    """A store whose commits go through a feed, and a count of the feed's reads of the log."""
+    store = Store(path, FakeClock(T0))
+    feed = Feed(store, [published.extend], poll_interval=POLL)
+    reads: list[int] = []
+    read_log = store.events_since
+
+    async def counted(after_cursor: int, limit: int) -> list[SessionEvent]:
+        reads.append(after_cursor)
+        return await read_log(after_cursor, limit)
+
+    store.events_since = counted  # type: ignore[method-assign]
+    await store.open(feed.on_commit, lambda healthy: None)
+    await feed.start()
+    return store, feed, reads
+
+
+async def _until(condition: Any) -> None:
+    async with asyncio.timeout(DEADLINE_S):
+        while not condition():
+            await asyncio.sleep(POLL)  # polls a condition under a deadline; no timing assumption
+
+
+def test_a_head_read_between_commit_and_publication_does_not_read_the_log(tmp_path: Path) -> None:
+    """The feed may read the log's head after the writer's COMMIT landed and before the writer handed
+    the events over. Those events are on their way: reading them back would only delay them."""
+
+    async def body() -> None:
+        published: list[SessionEvent] = []
+        store, feed, reads = await _open_with_feed(db(tmp_path), published)
+        try:
+            flow = await published_flow(store)
+            landed = False
+            heads_after_landing: list[int] = []
+            read_head = store.max_cursor
+
+            async def head() -> int:
+                after = landed
+                cursor = await read_head()
+                if after:
+                    heads_after_landing.append(cursor)
+                return cursor
+
+            store.max_cursor = head  # type: ignore[method-assign]
+            writer = store._writer
+            assert writer is not None
+            on_disk = writer._on_disk
+
+            async def commit_then_hold(fn: Any, *args: Any) -> Any:
+                # Holds the writer after COMMIT until the feed has read the new head.
+                nonlocal landed
+                result = await on_disk(fn, *args)
+                if args == ("COMMIT",):
+                    landed = True
+                    await _until(lambda: heads_after_landing)
+                    landed = False
+                    heads_after_landing.clear()
+                return result
+
+            writer._on_disk = commit_then_hold  # type: ignore[method-assign]
+            before = len(published)
+            ids = [f"ses_{i}" for i in range(3)]
+            await asyncio.gather(*(create(store, flow.flow_id, sid) for sid in ids))
+            await store.change_session(ENV, "ses_0", report("check", "retry"))
+            cursors = [e.cursor for e in published[before:]]
+            assert len(cursors) == 4 and cursors == list(range(cursors[0], cursors[0] + 4))
+            assert reads == []
+        finally:
+            await feed.stop()
+            await store.close()
+
+    asyncio.run(body())
+
+
+def test_another_process_commits_are_read_from_the_log_in_order(tmp_path: Path) -> None:
+    async def body() -> None:
+        path = db(tmp_path)
+        published: list[SessionEvent] = []
+        store, feed, reads = await _open_with_feed(path, published)
+        other = Store(path, FakeClock(T0))  # stands for a second server process on the same file
+        await other.open(Recorder().on_commit, lambda healthy: None)
+        try:
+            flow = await published_flow(store)
+            await create(store, flow.flow_id, "ses_here")
+            await create(other, flow.flow_id, "ses_there")
+            await store.change_session(ENV, "ses_here", report("check", "retry"))
+            await _until(lambda: len(published) == 3)
+            assert [(e.session_id, e.version) for e in published] == [("ses_here", 1), ("ses_there", 1), ("ses_here", 2)]
+            assert [e.cursor for e in published] == sorted(e.cursor for e in published)
+            assert reads  # the other process's event could only come from the log
+        finally:
+            await other.close()
+            await feed.stop()
+            await store.close()
+
+    asyncio.run(body())
