@@ -5,6 +5,8 @@ Methods (bytes in, bytes out, generic handlers):
   /bench.Bare/Publish  unary: request = a key; pushes one message, stamped with the wall clock (µs,
                        8 bytes little-endian, then padding), onto the in-memory queue of every stream
                        watching that key: the bare analogue of "commit, then fan out to watchers".
+  /bench.Bare/PublishAll unary: pushes one stamped message onto every stream's queue at once: the bare
+                       analogue of an expiry storm (one batch committed, every watcher gets an event).
   /bench.Bare/Watch    server stream: request = a key; first a hello message (stamp 0) once the stream
                        is registered, then every message published to the key.
 
@@ -45,6 +47,15 @@ class Bare:
             q.put_nowait(message)
         return _STAMP.pack(len(queues))
 
+    async def publish_all(self, request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        message = _STAMP.pack(time.time_ns() // 1000) + self._padding
+        count = 0
+        for queues in self._queues.values():
+            for q in queues:
+                q.put_nowait(message)
+            count += len(queues)
+        return _STAMP.pack(count)
+
     async def watch(self, request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         q: asyncio.Queue[bytes] = asyncio.Queue()
         self._queues.setdefault(request, set()).add(q)
@@ -66,6 +77,7 @@ class Bare:
             {
                 "Echo": grpc.unary_unary_rpc_method_handler(self.echo, **kw),
                 "Publish": grpc.unary_unary_rpc_method_handler(self.publish, **kw),
+                "PublishAll": grpc.unary_unary_rpc_method_handler(self.publish_all, **kw),
                 "Watch": grpc.unary_stream_rpc_method_handler(self.watch, **kw),
             },
         )

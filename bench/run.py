@@ -155,6 +155,17 @@ def expected_for(per_item: dict[str, int], ids: list[str]) -> int:
     return sum(per_item.get(i, 0) for i in ids)
 
 
+async def alternating_pairs(
+    count: int, with_streams: Callable[[], Awaitable[dict[str, Any]]], without_streams: Callable[[], Awaitable[dict[str, Any]]]
+) -> list[dict[str, Any]]:
+    """``count`` pairs of windows, alternating which one runs first, so a drift over the phase cancels."""
+    pairs = []
+    for i in range(count):
+        first, second = (with_streams, without_streams) if i % 2 == 0 else (without_streams, with_streams)
+        pairs.append({**await first(), **await second(), "streams_first": i % 2 == 0})
+    return pairs
+
+
 class Bench:
     def __init__(self, scale: Scale, workdir: Path, log: Callable[[str], None], do_profile: bool):
         self.scale = scale
@@ -377,13 +388,87 @@ class Bench:
             out["memory"] = {**opened, "rss_before": rss0, "rss_after": rss1, "per_stream_bytes": (rss1 - rss0) / s.large}
             out["idle"] = await self.idle(server.pid)
             out["latency_large"] = await self.latency_run(server.pid, parts, "bare", s.change_rate, s.latency_window)
+            out["storm"] = await self.bare_storm(server.pid, parts)
+            self.log(f"  bare storm: {s.large:,} messages delivered in {_fmt_s(out['storm']['delivered_s'])} s")
             keep = s.small // len(self.watchers)
             small_parts = [p[:keep] for p in parts]
             await asyncio.gather(*(w.call("watch_close", keep=k, call_timeout=LONG) for w, k in zip(self.watchers, small_parts)))
             out["latency_small"] = await self.latency_run(server.pid, small_parts, "bare", s.change_rate, s.latency_window)
+            out["polling"] = await self.bare_polling(server.pid, small_parts)
             return out
         finally:
             await self.finish(server, out)
+
+    async def bare_storm(self, pid: int, parts: list[list[str]]) -> dict[str, Any]:
+        """The stack's ceiling for the expiry storm: one message to every open stream at the same moment
+        (PublishAll stamps it once); from that stamp until the last stream has it."""
+        await settle(pid)
+        await self.all_watchers("watch_mark", recording=True)
+        win = Window(pid).start()
+        pushed = await self.drivers[0].call("bare_publish_all", call_timeout=LONG)
+        waits = await asyncio.gather(
+            *(w.call("wait_received", count=len(p), timeout=60.0, call_timeout=90) for w, p in zip(self.watchers, parts))
+        )
+        cpu = win.stop()
+        latencies = [x for c in await self.all_watchers("watch_collect") for x in c["latencies_ms"]]
+        await self.all_watchers("watch_mark", recording=False)
+        return {
+            "pushed": pushed,
+            "delivered": len(latencies),
+            "all_delivered": all(w["reached"] for w in waits),
+            "delivered_s": max(latencies) / 1000.0 if latencies else None,
+            "latency_ms": stats.summary(latencies),
+            "window": cpu,
+        }
+
+    async def bare_polling(self, pid: int, parts: list[list[str]]) -> dict[str, Any]:
+        """The stack's ceiling for polling against streaming, with the polling phase's clients and rates:
+        polls are Echo calls (as large as a bare stream message) every poll_interval, changes are
+        Publish calls; a poll's cost is the polling window's CPU per poll, a delivery's the paired
+        difference of the same publishes with and without the streams open."""
+        s = self.scale
+        keys = [k for p in parts for k in p]
+        rate = len(keys) / s.change_every
+
+        async def publishes() -> dict[str, Any]:
+            await settle(pid)
+            order = list(keys)
+            random.shuffle(order)
+            win = Window(pid).start()
+            sent = await self.drivers[0].call("bare_publish_paced", keys=order, rate=rate, duration=s.poll_window, call_timeout=LONG)
+            return {"sent": sent.pop("done"), "window": win.stop()}
+
+        await settle(pid)
+        await asyncio.gather(
+            *(w.call("bare_poll_start", count=len(p), interval=s.poll_interval, size=s.bare_payload, call_timeout=LONG)
+              for w, p in zip(self.watchers, parts))
+        )  # fmt: skip
+        win = Window(pid).start()
+        await asyncio.sleep(s.poll_window)  # the measurement itself: the pollers' own load
+        polling_window = win.stop()
+        polled = await self.all_watchers("poll_stop")
+        polling = {
+            "clients": len(keys), "window": polling_window, "polls": sum(p["polls"] for p in polled),
+            "late_ticks": sum(p["late_ticks"] for p in polled), "errors": [p["errors"] for p in polled],
+        }  # fmt: skip
+        open_now = True  # the streams of the latency run are still open: the first pair starts with them
+
+        async def with_streams() -> dict[str, Any]:
+            nonlocal open_now
+            if not open_now:
+                await self.open_streams("bare_watch_open", keys)
+            run = await publishes()
+            await self.all_watchers("watch_close")
+            open_now = False
+            return run
+
+        async def without_streams() -> dict[str, Any]:
+            run = await publishes()
+            return {"baseline_sent": run["sent"], "baseline_window": run["window"]}
+
+        # Half the polling phase's pairs: the bare figure is the reference, not the target, and the phase is long.
+        pairs = await alternating_pairs(max(1, s.stream_pairs // 2), with_streams, without_streams)
+        return {"change_rate": rate, "polling": polling, "streaming": {"streams": len(keys), "pairs": pairs}}
 
     async def main_phase(self, echo_rate: float) -> dict[str, Any]:
         s = self.scale
@@ -582,8 +667,9 @@ class Bench:
             out.update(clients=len(ids), change_rate=rate, change_every_s=s.change_every,
                        poll_interval_s=s.poll_interval, window_s=s.poll_window)  # fmt: skip
 
-            async def changes() -> tuple[dict[str, Any], dict[str, float]]:
-                await settle(pid)  # streams just opened or closed, pollers just stopped
+            async def changes(*, settled: bool = False) -> tuple[dict[str, Any], dict[str, float]]:
+                if not settled:
+                    await settle(pid)  # streams just opened or closed, pollers just stopped
                 order = list(ids)
                 random.shuffle(order)  # round-robin over a shuffled order: each session every change_every s
                 win = Window(pid).start()
@@ -594,11 +680,12 @@ class Bench:
             sent.pop("per_item")
             out["changes_only"] = {"sent": sent, "window": win}
             out["changes_only_runs"] = [win]
-            # polling
+            # polling (the pollers keep the server busy, so it is settled before they start)
+            await settle(pid)
             await asyncio.gather(
                 *(w.call("poll_start", ids=p, interval=s.poll_interval, call_timeout=LONG) for w, p in zip(self.watchers, parts))
             )
-            sent, win = await changes()
+            sent, win = await changes(settled=True)
             per_item = sent.pop("per_item")
             waits = await asyncio.gather(
                 *(w.call("wait_learned", count=expected_for(per_item, p), timeout=5 * s.poll_interval + 5, call_timeout=LONG)
@@ -646,10 +733,7 @@ class Bench:
                 sent.pop("per_item")
                 return {"baseline_sent": sent, "baseline_window": win}
 
-            pairs = []
-            for i in range(s.stream_pairs):
-                first, second = (with_streams, without_streams) if i % 2 == 0 else (without_streams, with_streams)
-                pairs.append({**await first(), **await second(), "streams_first": i % 2 == 0})
+            pairs = await alternating_pairs(s.stream_pairs, with_streams, without_streams)
             out["streaming"] = {
                 "streams": len(ids),
                 "pairs": pairs,
@@ -831,7 +915,7 @@ class Bench:
     async def run(self) -> dict[str, Any]:
         await self.start_workers()
         results: dict[str, Any] = {"scale": asdict(self.scale)}
-        results["bare"] = await self.timed("bare", self.bare_phase, 180)
+        results["bare"] = await self.timed("bare", self.bare_phase, 360)
         results["main"] = await self.timed("main", lambda: self.main_phase(results["bare"]["echo"]["rate"]), 300)
         results["expiry"] = await self.timed("expiry", lambda: self.expiry_phase(results["main"]["memory"]["opens_per_s"]), 240)
         results["polling"] = await self.timed("polling", self.polling_phase, 420)

@@ -342,6 +342,9 @@ class Worker:
                 "publish": ch.unary_unary(
                     "/bench.Bare/Publish", request_serializer=_identity, response_deserializer=_identity
                 ),
+                "publish_all": ch.unary_unary(
+                    "/bench.Bare/PublishAll", request_serializer=_identity, response_deserializer=_identity
+                ),
                 "watch": ch.unary_stream("/bench.Bare/Watch", request_serializer=_identity, response_deserializer=_identity),
             }
             for ch in self.channels
@@ -867,40 +870,58 @@ class Worker:
 
     # polling
 
-    async def poll_start(self, ids: list[str], interval: float) -> dict[str, Any]:
-        """One poller per session, each calling GetSession every ``interval`` s on a fixed schedule with a
-        random phase; returns once every poller has its first answer (its baseline version)."""
+    async def _on_schedule(self, interval: float, poll: Callable[[], Awaitable[bool]], stats: dict[str, Any]) -> None:
+        """Calls ``poll`` every ``interval`` s on a fixed schedule with a random phase until poll_stop, like
+        a client polling on a timer; a poll that returns False ends the schedule."""
+        loop = asyncio.get_running_loop()
+        start = loop.time() + random.random() * interval
+        k = 0
+        while not self.poll_stop_event.is_set():
+            delay = start + k * interval - loop.time()
+            if delay > 0:
+                try:  # the polling schedule; the stop event cuts it short
+                    await asyncio.wait_for(self.poll_stop_event.wait(), delay)
+                    return
+                except TimeoutError:
+                    pass
+            k += 1
+            if not await poll():
+                return
+            behind = loop.time() - (start + k * interval)
+            if behind > 0:  # the poll took longer than the interval: skip the missed ticks
+                skipped = int(behind // interval) + 1
+                stats["late_ticks"] += skipped
+                k += skipped
+
+    async def _start_polling(self, count: int, poller: Callable[[int, Group], Awaitable[None]]) -> dict[str, Any]:
         self.poll_stop_event.clear()
+        group = Group(count)
+        self.pollers = [asyncio.create_task(poller(i, group)) for i in range(count)]
+        await asyncio.wait_for(group.all_in.wait(), 60)
+        return {"ready": group.ready, "failed": group.failed}
+
+    async def poll_start(self, ids: list[str], interval: float) -> dict[str, Any]:
+        """One poller per session, each calling GetSession every ``interval`` s; returns once every poller
+        has its first answer (its baseline version)."""
         stats = {"polls": 0, "learned": 0, "skipped_versions": 0, "staleness_ms": [], "errors": Errors(), "late_ticks": 0}
         self.poll_stats = stats
         self.learned.reset()
-        group = Group(len(ids))
-        loop = asyncio.get_running_loop()
 
-        async def poller(session_id: str) -> None:
+        async def poller(i: int, group: Group) -> None:
             stub = self.session_stubs[self._next()]
-            request = spb.GetSessionRequest(environment=ENV, session_id=session_id)
+            request = spb.GetSessionRequest(environment=ENV, session_id=ids[i])
             last = None
-            start = loop.time() + random.random() * interval
-            k = 0
-            while not self.poll_stop_event.is_set():
-                target = start + k * interval
-                delay = target - loop.time()
-                if delay > 0:
-                    try:  # the polling schedule; the stop event cuts it short
-                        await asyncio.wait_for(self.poll_stop_event.wait(), delay)
-                        return
-                    except TimeoutError:
-                        pass
-                k += 1
+
+            async def poll() -> bool:
+                nonlocal last
                 try:
                     session = (await stub.GetSession(request, timeout=RPC_TIMEOUT)).session
                 except Exception as exc:  # noqa: BLE001
                     stats["errors"].add(exc)
                     if last is None:
                         group.settle(False)
-                        return
-                    continue
+                        return False
+                    return True
                 receipt = now_us()
                 stats["polls"] += 1
                 if last is None:
@@ -913,15 +934,11 @@ class Worker:
                     stats["staleness_ms"].append((receipt - ts_us(session.update_time)) / 1000.0)
                     last = session.version
                     self.learned.add(gained)
-                behind = loop.time() - (start + k * interval)
-                if behind > 0:  # the poll took longer than the interval: skip the missed ticks
-                    skipped = int(behind // interval) + 1
-                    stats["late_ticks"] += skipped
-                    k += skipped
+                return True
 
-        self.pollers = [asyncio.create_task(poller(s)) for s in ids]
-        await asyncio.wait_for(group.all_in.wait(), 60)
-        return {"ready": group.ready, "failed": group.failed}
+            await self._on_schedule(interval, poll, stats)
+
+        return await self._start_polling(len(ids), poller)
 
     async def wait_learned(self, count: int, timeout: float) -> dict[str, Any]:
         reached = await self.learned.wait_for(count, timeout)
@@ -947,6 +964,37 @@ class Worker:
             await self.bare_calls[self._next()]["echo"](payload, timeout=RPC_TIMEOUT)
 
         return await closed_loop(one, [], inflight=inflight, duration=duration)
+
+    async def bare_poll_start(self, count: int, interval: float, size: int) -> dict[str, Any]:
+        """``count`` clients, each calling Echo with ``size`` bytes every ``interval`` s (the bare analogue
+        of polling GetSession); returns once every poller has had its first answer."""
+        stats = {"polls": 0, "errors": Errors(), "late_ticks": 0}
+        self.poll_stats = stats
+        payload = b"p" * size
+
+        async def poller(i: int, group: Group) -> None:
+            echo = self.bare_calls[self._next()]["echo"]
+            first = True
+
+            async def poll() -> bool:
+                nonlocal first
+                try:
+                    await echo(payload, timeout=RPC_TIMEOUT)
+                except Exception as exc:  # noqa: BLE001
+                    stats["errors"].add(exc)
+                    if first:
+                        group.settle(False)
+                        return False
+                    return True
+                stats["polls"] += 1
+                if first:
+                    first = False
+                    group.settle(True)
+                return True
+
+            await self._on_schedule(interval, poll, stats)
+
+        return await self._start_polling(count, poller)
 
     async def _start_bare_stream(self, key: str, group: Group) -> None:
         await self.open_slots.acquire()
@@ -998,6 +1046,11 @@ class Worker:
             await self.bare_calls[self._next()]["publish"](key.encode(), timeout=RPC_TIMEOUT)
 
         return await closed_loop(one, keys, inflight=inflight, duration=duration)
+
+    async def bare_publish_all(self) -> int:
+        """One message to every open bare stream, all stamped at the same moment; returns how many."""
+        answer = await self.bare_calls[self._next()]["publish_all"](b"", timeout=RPC_TIMEOUT)
+        return int(_STAMP.unpack_from(answer)[0])
 
     async def ping(self) -> str:
         return "pong"
