@@ -67,7 +67,7 @@ class _Responses:
         response = self._cache.get(key)
         if response is None:
             assert self._store.keys is not None
-            response = kind(event=convert.event_pb(event, self._store.keys.epoch))
+            response = convert.event_response(kind, event, self._store.keys.epoch)
             self._cache[key] = response
             if len(self._cache) > self._capacity:
                 self._cache.popitem(last=False)
