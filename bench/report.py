@@ -660,7 +660,9 @@ def chart(results: dict[str, Any], targets: list[dict[str, Any]], path: Path) ->
     st = exp["storm"]
     panel(axes[1][0], "storm_delivered", f"expiry storm, {st['sessions']:,} sessions",
           [("first deadline\n-> all delivered", st["delivered_s_from_first_deadline"], ours_c),
-           ("last deadline\n-> all delivered", st["delivered_s_from_last_deadline"], ours_c)], 3.0, "s")  # fmt: skip
+           ("last deadline\n-> all delivered", st["delivered_s_from_last_deadline"], ours_c),
+           *([("bare: one push\n-> all delivered", bare["storm"]["delivered_s"], bare_c)] if "storm" in bare else [])],
+          3.0, "s")  # fmt: skip
     lag = exp["lag"]["expiry_lag_ms"]
     panel(axes[1][1], "expiry_lag_p99", "expiry lag (spread sessions)",
           [("p50", lag["p50"], ours_c), ("p99", lag["p99"], ours_c), ("max", lag["max"], ours_c)], 50.0, "ms")  # fmt: skip
@@ -673,7 +675,10 @@ def chart(results: dict[str, Any], targets: list[dict[str, Any]], path: Path) ->
           [("poll\nlearning", cpc["polling"]["learning_cpu_ms_per_change"], poll_c),
            ("stream\nlearning", cpc["streaming"]["learning_cpu_ms_per_change_upper"], ours_c),
            ("poll\ntotal", cpc["polling"]["cpu_ms_per_change"], poll_c),
-           ("stream\ntotal", cpc["streaming"]["cpu_ms_per_change"], ours_c)], None, "CPU ms per change", log=True)  # fmt: skip
+           ("stream\ntotal", cpc["streaming"]["cpu_ms_per_change"], ours_c),
+           *([("bare poll\nlearning", cpc["bare"]["polling_learning_us_per_change"] / 1000, bare_c),
+              ("bare stream\nlearning", cpc["bare"]["delivery_us_upper"] / 1000, bare_c)] if "bare" in cpc else [])],
+          None, "CPU ms per change", log=True)  # fmt: skip
     if restart:
         r = restart.get("restart")
         if r:
