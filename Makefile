@@ -52,7 +52,7 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(PY) -m pip install --quiet -e '.[bench]'
 	touch $(BENCH_STAMP)
 
-# Not part of `make test`: about 8-10 minutes; writes bench/results/<date>.json, .png and latest.md.
+# Not part of `make test`: about 12-14 minutes; writes bench/results/<date>.json, .png and latest.md.
 bench: $(BENCH_STAMP)
 	$(PY) -m bench
 
