@@ -429,6 +429,7 @@ class Bench:
         s = self.scale
         keys = [k for p in parts for k in p]
         rate = len(keys) / s.change_every
+        await self.all_watchers("watch_close")  # every pair's streams are opened just before its window
 
         async def publishes() -> dict[str, Any]:
             await settle(pid)
@@ -451,15 +452,11 @@ class Bench:
             "clients": len(keys), "window": polling_window, "polls": sum(p["polls"] for p in polled),
             "late_ticks": sum(p["late_ticks"] for p in polled), "errors": [p["errors"] for p in polled],
         }  # fmt: skip
-        open_now = True  # the streams of the latency run are still open: the first pair starts with them
 
         async def with_streams() -> dict[str, Any]:
-            nonlocal open_now
-            if not open_now:
-                await self.open_streams("bare_watch_open", keys)
+            await self.open_streams("bare_watch_open", keys)
             run = await publishes()
             await self.all_watchers("watch_close")
-            open_now = False
             return run
 
         async def without_streams() -> dict[str, Any]:
