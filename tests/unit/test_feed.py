@@ -3,8 +3,12 @@ the writer, and the log is read back only for what another process committed."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from pathlib import Path
 from typing import Any
+
+import pytest
+from flowsession_server.domain.errors import Unavailable
 
 from flowsession_server.clock import FakeClock
 from flowsession_server.domain.model import SessionEvent
@@ -106,6 +110,44 @@ def test_another_process_commits_are_read_from_the_log_in_order(tmp_path: Path) 
             assert [(e.session_id, e.version) for e in published] == [("ses_here", 1), ("ses_there", 1), ("ses_here", 2)]
             assert [e.cursor for e in published] == sorted(e.cursor for e in published)
             assert reads  # the other process's event could only come from the log
+        finally:
+            await other.close()
+            await feed.stop()
+            await store.close()
+
+    asyncio.run(body())
+
+
+def test_a_failed_commit_does_not_hide_the_next_process_commits_with_the_same_cursors(tmp_path: Path) -> None:
+    """A batch whose COMMIT fails is rolled back, and its cursors are handed out again, here to another
+    process: the feed must read that process's events, not take them for the failed batch."""
+
+    async def body() -> None:
+        path = db(tmp_path)
+        published: list[SessionEvent] = []
+        store, feed, _ = await _open_with_feed(path, published)
+        other = Store(path, FakeClock(T0))
+        await other.open(Recorder().on_commit, lambda healthy: None)
+        try:
+            flow = await published_flow(store)
+            await create(store, flow.flow_id, "ses_1")
+            writer = store._writer
+            assert writer is not None
+            on_disk = writer._on_disk
+
+            async def failing_commit(fn: Any, *args: Any) -> Any:
+                if args == ("COMMIT",):
+                    writer._on_disk = on_disk  # type: ignore[method-assign]  # once
+                    raise sqlite3.OperationalError("disk I/O error")
+                return await on_disk(fn, *args)
+
+            writer._on_disk = failing_commit  # type: ignore[method-assign]
+            with pytest.raises(Unavailable):
+                await create(store, flow.flow_id, "ses_lost")
+            assert store.publishing is None
+            await create(other, flow.flow_id, "ses_there")
+            await _until(lambda: len(published) == 2)
+            assert [e.session_id for e in published] == ["ses_1", "ses_there"]
         finally:
             await other.close()
             await feed.stop()

@@ -79,7 +79,8 @@ class Writer:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.healthy = False
-        # (first, last) cursor of the events of the batch between COMMIT and on_commit, else None.
+        # (first, last) cursor of the events of the batch between COMMIT and on_commit, else None
+        # (cleared as soon as a batch ends, however it ends).
         self.publishing: tuple[int, int] | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -126,9 +127,12 @@ class Writer:
             try:
                 await self._commit_batch(batch)
             except Exception:  # a bug here must not leave callers waiting, nor stop the writer
+                self.publishing = None
                 log.exception("write batch failed")
                 await self._rollback()
                 self._refuse(batch, "the store could not commit")
+            finally:
+                self.publishing = None
 
     async def _commit_batch(self, batch: list[_Job]) -> None:
         conn = self._conn
@@ -143,17 +147,14 @@ class Writer:
                 self.publishing = (events[0].cursor, events[-1].cursor)
             await self._on_disk(conn.execute, "COMMIT")
         except sqlite3.Error as exc:
-            self.publishing = None
+            self.publishing = None  # rolled back: nothing of it will be published
             log.exception("commit failed; %d commands are refused", len(batch))
             await self._rollback()
             self._set_health(False)
             self._refuse(batch, f"the store could not commit: {exc}")
             return
         self._set_health(True)
-        try:
-            _resolve(self._on_commit, results, events)
-        finally:
-            self.publishing = None
+        _resolve(self._on_commit, results, events)
 
     def _refuse(self, batch: list[_Job], message: str) -> None:
         failure = Unavailable(message, reason="STORE_UNAVAILABLE", retry_after=1.0)
