@@ -199,7 +199,7 @@ def main() -> int:
     )
     args = parser.parse_args()
     if args.max_seconds is None:
-        args.max_seconds = 240.0 if args.quick else 900.0
+        args.max_seconds = 300.0 if args.quick else 1200.0
     _check_deps()
     if args.report:
         import json
