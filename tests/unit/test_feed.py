@@ -8,9 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from flowsession_server.domain.errors import Unavailable
-
 from flowsession_server.clock import FakeClock
+from flowsession_server.domain.errors import Unavailable
 from flowsession_server.domain.model import SessionEvent
 from flowsession_server.events.feed import Feed
 from flowsession_server.store.store import Store
