@@ -125,6 +125,11 @@ def cpu_per_change(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _cpu_us(window: dict[str, Any], count: int) -> float:
+    """Server CPU per call (or change, or poll) in µs over a measurement window."""
+    return 1e6 * window["server_cpu_s"] / max(count, 1)
+
+
 def _paired(pairs: list[dict[str, Any]]) -> tuple[list[float], float, float, float]:
     """Per pair, the window with streams minus the one without: the differences, their mean and standard
     error, and the mean + 2 standard errors the ratios use (so they err against streaming)."""
@@ -138,7 +143,7 @@ def _paired(pairs: list[dict[str, Any]]) -> tuple[list[float], float, float, flo
 def _bare_cpu_per_change(bp: dict[str, Any], polls_per_change: float) -> dict[str, Any]:
     """The bare stack's ratio at the polling phase's polls per change: a poll is an Echo, a delivery a
     message on a bare stream."""
-    poll_us = 1e6 * bp["polling"]["window"]["server_cpu_s"] / max(1, bp["polling"]["polls"])
+    poll_us = _cpu_us(bp["polling"]["window"], bp["polling"]["polls"])
     pairs = bp["streaming"]["pairs"]
     diffs, mean, se, upper = _paired(pairs)
     per_window = max(1.0, statistics.fmean(pr["sent"] for pr in pairs))
@@ -297,8 +302,8 @@ def notes_for(target: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]
         )
         sent, bsent = run["sent"], brun["sent"]
         facts.append(
-            f"server CPU per change {1e6 * run['window']['server_cpu_s'] / max(sent['done'], 1):,.0f} µs against "
-            f"{1e6 * brun['window']['server_cpu_s'] / max(bsent['done'], 1):,.0f} µs per bare publish and delivery: at "
+            f"server CPU per change {_cpu_us(run['window'], sent['done']):,.0f} µs against "
+            f"{_cpu_us(brun['window'], bsent['done']):,.0f} µs per bare publish and delivery: at "
             f"{run['rate']:,.0f} changes/s the server's one core for Python is nearly full, so changes queue"
         )
         if sent.get("skipped"):
@@ -325,17 +330,17 @@ def notes_for(target: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]
         )
         echo = bare["echo"]
         facts.append(
-            f"server CPU per change {1e6 * run['window']['server_cpu_s'] / max(run['done'], 1):,.0f} µs against "
-            f"{1e6 * echo['window']['server_cpu_s'] / max(echo['done'], 1):,.0f} µs per bare echo: on top of gRPC's "
+            f"server CPU per change {_cpu_us(run['window'], run['done']):,.0f} µs against "
+            f"{_cpu_us(echo['window'], echo['done']):,.0f} µs per bare echo: on top of gRPC's "
             f"own cost of a unary call, a change runs its writer command (read, decide, UPDATE, INSERT, JSON) and "
             f"converts the session to protobuf, all on the one core Python runs on"
         )
         if key == "changes_w":
-            per_call = lambda r: 1e6 * r["window"]["server_cpu_s"] / max(r["done"], 1)  # noqa: E731
-            bare_run = bare["latency_small"]
-            bare_delivery = 1e6 * bare_run["window"]["server_cpu_s"] / max(bare_run["sent"]["done"], 1) - per_call(echo)
+            bare_run, base = bare["latency_small"], main["change_0"]
+            bare_delivery = _cpu_us(bare_run["window"], bare_run["sent"]["done"]) - _cpu_us(echo["window"], echo["done"])
             facts.append(
-                f"the watchers add {per_call(run) - per_call(main['change_0']):,.0f} µs of server CPU per change (one "
+                f"the watchers add {_cpu_us(run['window'], run['done']) - _cpu_us(base['window'], base['done']):,.0f} "
+                f"µs of server CPU per change (one "
                 f"delivery each; CPU per change with them minus without); a bare stream message adds about "
                 f"{bare_delivery:,.0f} µs to a bare call (a publish delivered to {bare_run['streams']:,} streams' "
                 f"keys at {bare_run['rate']:,.0f}/s, minus an echo)"
