@@ -45,9 +45,16 @@ _STATE_TO_PB = {
 
 
 def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    _set_time(ts, value)
+    return ts
+
+
+def _set_time(target: timestamp_pb2.Timestamp, value: datetime) -> None:
     # Integer arithmetic on microseconds: Timestamp.FromDatetime was a tenth of a status change's CPU.
     us = to_us(value)
-    return timestamp_pb2.Timestamp(seconds=us // 1_000_000, nanos=us % 1_000_000 * 1000)
+    target.seconds = us // 1_000_000
+    target.nanos = us % 1_000_000 * 1000
 
 
 def duration(value: timedelta) -> duration_pb2.Duration:
@@ -161,12 +168,6 @@ _recent = _Recent()
 def session_pb(s: Session) -> session_pb2.Session:
     """Shared: callers embed it in a message (which copies it) and never modify it."""
     return _recent.get(s)
-
-
-def _set_time(target: timestamp_pb2.Timestamp, value: datetime) -> None:
-    us = to_us(value)
-    target.seconds = us // 1_000_000
-    target.nanos = us % 1_000_000 * 1000
 
 
 def _fill_session(pb: session_pb2.Session, s: Session) -> None:
