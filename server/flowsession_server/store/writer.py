@@ -127,7 +127,7 @@ class Writer:
             try:
                 await self._commit_batch(batch)
             except Exception:  # a bug here must not leave callers waiting, nor stop the writer
-                self.publishing = None
+                self.publishing = None  # now, not after the awaits below: the feed may look meanwhile
                 log.exception("write batch failed")
                 await self._rollback()
                 self._refuse(batch, "the store could not commit")
