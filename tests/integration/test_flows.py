@@ -385,6 +385,12 @@ INVALID_GRAPHS = {
         "steps[2].routes",
         "'c'",
     ),
+    "loop-without-an-end": (
+        "a",
+        [_s("a", routes={"ok": "b", "loop": "c"}), end("b", ACCEPTED), _s("c", routes={"again": "c"})],
+        "steps[2].routes",
+        "'c'",
+    ),
     "end-step-with-routes": (
         "a",
         [_s("a", routes={"ok": "b"}), _s("b", "end", routes={"again": "a"}, outcome=ACCEPTED)],

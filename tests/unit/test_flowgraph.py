@@ -152,6 +152,46 @@ def test_non_end_step_without_routes() -> None:
     assert "manual" in v.description
 
 
+def test_loop_with_no_way_to_an_end_step() -> None:
+    # document -> review <-> recheck: reachable from the start, but no session could ever complete.
+    steps = [
+        Step("document", "document_check", {"ok": "accepted", "unsure": "review"}),
+        Step("review", "manual_review", {"again": "recheck"}),
+        Step("recheck", "document_check", {"again": "review"}),
+        Step("accepted", "end", outcome=ACCEPTED),
+    ]
+    found = violations(graph(steps))
+    assert [v.field for v in found] == ["steps[1].routes", "steps[2].routes"]
+    assert "'review'" in found[0].description and "end step" in found[0].description
+    assert "'recheck'" in found[1].description
+
+
+def test_step_that_only_retries_itself() -> None:
+    steps = kyc_steps()
+    steps[0] = Step("document", "document_check", {"ok": "liveness", "bad": "rejected", "known": "accepted"})
+    steps[1] = Step("liveness", "liveness_check", {"retry": "liveness"})
+    v = only(graph(steps))
+    assert v.field == "steps[1].routes"
+    assert "'liveness'" in v.description
+
+
+def test_loops_with_a_way_out_are_valid() -> None:
+    # liveness retries itself, and document may go back to itself via "rescan": both can still finish.
+    steps = kyc_steps()
+    steps[0] = Step("document", "document_check", {"ok": "liveness", "bad": "rejected", "rescan": "document"})
+    flowgraph.validate(graph(steps), HOUR)
+
+
+def test_dead_end_is_reported_once_at_its_step() -> None:
+    # Steps leading only to a step that is already refused are not refused again for it.
+    steps = [
+        Step("document", "document_check", {"ok": "liveness"}),
+        Step("liveness", "liveness_check", {"ok": "ghost"}),
+        Step("accepted", "end", outcome=ACCEPTED),
+    ]
+    assert fields(graph(steps)) == ["steps[1].routes['ok']", "steps[2]"]
+
+
 def test_end_step_with_routes() -> None:
     steps = kyc_steps()
     steps[2] = Step("accepted", "end", {"again": "document"}, outcome=ACCEPTED)

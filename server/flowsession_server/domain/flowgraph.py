@@ -1,7 +1,7 @@
 """Flow graph validation and routing."""
 from __future__ import annotations
 
-from collections import deque
+from collections import defaultdict, deque
 from datetime import timedelta
 
 from . import limits, validation
@@ -50,9 +50,15 @@ def validate(graph: FlowGraph, execution_timeout: timedelta) -> None:
             v.add("start_step_id", f"start step {graph.start_step_id!r} must not be an end step")
     if start is not None:
         reachable = _reachable(by_id, start.step_id)
+        finishing = _finishing(by_id)
         for i, step in enumerate(graph.steps):
-            if step.step_id and step.step_id not in reachable:
+            if not step.step_id:
+                continue
+            if step.step_id not in reachable:
                 v.add(f"steps[{i}]", f"step {step.step_id!r} is not reachable from the start step")
+            elif step.step_id not in finishing:
+                # A loop with no way out: its sessions could only be aborted, failed or expire.
+                v.add(f"steps[{i}].routes", f"no end step can be reached from step {step.step_id!r}")
     v.raise_if_any(reason="INVALID_FLOW_GRAPH")
 
 
@@ -64,6 +70,24 @@ def _reachable(by_id: dict[str, Step], start: str) -> set[str]:
             if target in by_id and target not in seen:
                 seen.add(target)
                 todo.append(target)
+    return seen
+
+
+def _finishing(by_id: dict[str, Step]) -> set[str]:
+    """The steps from which an end step can be reached, walking the routes back from the end steps. A step
+    already refused for a dead end (no routes, or a route to an unknown step) counts as one, so its fault
+    is reported once, at that step, not again at every step leading to it."""
+    sources: defaultdict[str, list[str]] = defaultdict(list)
+    for step in by_id.values():
+        for target in step.routes.values():
+            sources[target].append(step.step_id)
+    seen = {s.step_id for s in by_id.values() if s.is_end or not s.routes or not set(s.routes.values()) <= by_id.keys()}
+    todo = deque(seen)
+    while todo:
+        for source in sources[todo.popleft()]:
+            if source not in seen:
+                seen.add(source)
+                todo.append(source)
     return seen
 
 
