@@ -245,7 +245,11 @@ def test_create_session_refuses_values_beyond_the_limits(client, case):
     assert all_session_ids(client) == []
 
 
-@pytest.mark.parametrize("url", ["https://:80/done", "http://user@/done", "https://exa mple.com/done"], ids=["port-only", "userinfo-only", "space-in-host"])
+@pytest.mark.parametrize(
+    "url",
+    ["https://:80/done", "http://user@/done", "https://exa mple.com/done", "https://example.com:99999/done", "https://example.com:x/"],
+    ids=["port-only", "userinfo-only", "space-in-host", "port-out-of-range", "port-not-a-number"],
+)
 def test_create_session_refuses_a_redirect_url_without_a_valid_host(client, url):
     flow_id = published_flow(client)
     request = spb.CreateSessionRequest(flow_id=flow_id, environment="live", redirect_url=url)

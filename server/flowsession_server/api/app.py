@@ -18,6 +18,7 @@ from ..events.hub import Hub
 from ..expiry import ExpiryScheduler
 from ..retention import Retention
 from ..store.store import Store
+from . import errors
 from .flow_service import FlowService
 from .health import Health
 from .session_service import SessionService
@@ -87,9 +88,15 @@ class FlowsessionServer:
             self.clock,
             WatchSettings(heartbeat=self.settings.watch_heartbeat, max_opening=self.settings.max_opening_watchers),
         )
-        flow_service_pb2_grpc.add_FlowServiceServicer_to_server(FlowService(self.store, self.settings.environments), self.server)
-        session_service_pb2_grpc.add_SessionServiceServicer_to_server(
-            SessionService(self.store, streams, self.settings.environments), self.server
+        errors.add_servicer(
+            flow_service_pb2_grpc.add_FlowServiceServicer_to_server,
+            FlowService(self.store, self.settings.environments),
+            self.server,
+        )
+        errors.add_servicer(
+            session_service_pb2_grpc.add_SessionServiceServicer_to_server,
+            SessionService(self.store, streams, self.settings.environments),
+            self.server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, TypeVar
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
+from google.protobuf import any_pb2, duration_pb2, message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -39,26 +40,55 @@ def _packed(message: Any) -> any_pb2.Any:
     return packed
 
 
+# The status travels in the trailers, and grpc clients refuse trailers over 8 KiB by default (the
+# call then fails with RESOURCE_EXHAUSTED instead of the error). Echoed input and a graph with hundreds
+# of faults must not get there: the message and the violations are cut to these sizes (UTF-8 bytes),
+# and ErrorInfo says how many violations were left out. grpc-message percent-encodes non-ASCII (3x) and
+# the details are base64 (4/3x), so the worst case stays near 6 KiB.
+MAX_MESSAGE_BYTES = 512
+MAX_VIOLATIONS_BYTES = 3_000
+MAX_FIELD_BYTES = 160
+MAX_DESCRIPTION_BYTES = 320
+MAX_METADATA_VALUE_BYTES = 256
+
+
+def clip(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` of UTF-8, ending in an ellipsis when cut."""
+    data = text.encode()
+    if len(data) <= max_bytes:
+        return text
+    return data[: max_bytes - 3].decode(errors="ignore") + "\u2026"
+
+
+def _violations(error: d.InvalidArgument) -> tuple[list[error_details_pb2.BadRequest.FieldViolation], int]:
+    kept, size = [], 0
+    for v in error.violations:
+        item = error_details_pb2.BadRequest.FieldViolation(
+            field=clip(v.field, MAX_FIELD_BYTES), description=clip(v.description, MAX_DESCRIPTION_BYTES)
+        )
+        size += item.ByteSize() + 3  # + the field's tag and length
+        if size > MAX_VIOLATIONS_BYTES:
+            break
+        kept.append(item)
+    return kept, len(error.violations) - len(kept)
+
+
 def status_for(error: d.DomainError) -> grpc.Status:
     code = next((c for cls, c in CODES.items() if isinstance(error, cls)), grpc.StatusCode.INTERNAL)
-    details = [_packed(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata))]
-    if isinstance(error, d.InvalidArgument) and error.violations:
-        details.append(
-            _packed(
-                error_details_pb2.BadRequest(
-                    field_violations=[
-                        error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                        for v in error.violations
-                    ]
-                )
-            )
-        )
+    metadata = {k: clip(value, MAX_METADATA_VALUE_BYTES) for k, value in error.metadata.items()}
+    violations, omitted = _violations(error) if isinstance(error, d.InvalidArgument) else ([], 0)
+    if omitted:
+        metadata["omitted_violations"] = str(omitted)
+    details = [_packed(error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=metadata))]
+    if violations:
+        details.append(_packed(error_details_pb2.BadRequest(field_violations=violations)))
     retry_after = getattr(error, "retry_after", None)
     if retry_after is not None:
         delay = duration_pb2.Duration()
         delay.FromMilliseconds(int(retry_after * 1000))
         details.append(_packed(error_details_pb2.RetryInfo(retry_delay=delay)))
-    return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=error.message, details=details))
+    message = clip(error.message, MAX_MESSAGE_BYTES)
+    return rpc_status.to_status(status_pb2.Status(code=code.value[0], message=message, details=details))
 
 
 def internal_status() -> grpc.Status:
@@ -66,6 +96,55 @@ def internal_status() -> grpc.Status:
     return rpc_status.to_status(
         status_pb2.Status(code=code_pb2.INTERNAL, message="internal error; the server logged the details", details=[info])
     )
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """What the request deserializer yields for bytes that are no valid message. An exception raised in
+    a deserializer reaches the client as UNKNOWN without details; this reaches the handler instead."""
+
+    problem: str
+
+    def error(self) -> d.InvalidArgument:
+        return d.InvalidArgument(f"the request could not be decoded: {self.problem}", reason="MALFORMED_REQUEST")
+
+
+def _lenient(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except message.DecodeError as exc:  # invalid UTF-8, nesting beyond protobuf's limit, garbage
+            return Undecodable(str(exc))
+
+    return parse
+
+
+class _Captured:
+    """Stands in for the server while a generated ``add_…Servicer_to_server`` registers its handlers."""
+
+    def __init__(self) -> None:
+        self.services: dict[str, dict[str, grpc.RpcMethodHandler]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass  # rebuilt from the registered method handlers below
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+        self.services[service] = handlers
+
+
+def add_servicer(add_to_server: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server) -> None:
+    """Registers ``servicer`` through its generated ``add_to_server``, with request deserializers that
+    hand undecodable bytes to the handler (which ``unary`` below answers with INVALID_ARGUMENT)."""
+    captured = _Captured()
+    add_to_server(servicer, captured)
+    assert captured.services, "the generated code registered no method handlers"
+    for service, handlers in captured.services.items():
+        lenient = {
+            name: handler._replace(request_deserializer=_lenient(handler.request_deserializer))  # type: ignore[attr-defined]
+            for name, handler in handlers.items()
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, lenient),))
+        server.add_registered_method_handlers(service, lenient)
 
 
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
@@ -77,6 +156,8 @@ def unary(fn: Handler) -> Handler:
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            if isinstance(request, Undecodable):
+                raise request.error()
             return await fn(self, request, context)
         except grpc.aio.AbortError:
             raise

@@ -72,6 +72,8 @@ class SessionService(session_service_pb2_grpc.SessionServiceServicer):
             session_input = convert.struct_to_dict(request.input)
         except ValueError as exc:  # NaN and Infinity have no JSON form
             v.add("input", f"is not representable as JSON: {exc}")
+        else:
+            validation.json_depth(v, "input", session_input, max_depth=limits.MAX_INPUT_DEPTH)
         v.raise_if_any()
         new = NewSession(
             session_id=new_id("ses"),

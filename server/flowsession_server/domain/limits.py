@@ -17,6 +17,10 @@ MAX_METADATA_ENTRIES = 50
 MAX_METADATA_KEY = 64
 MAX_METADATA_VALUE = 512
 MAX_INPUT_BYTES = 256 * 1024
+# Objects and lists inside one another. Every session answer and event wraps the input in a few more
+# messages, and protobuf parsers refuse messages nested over 100 deep (about 32 JSON levels here):
+# a deeper input would be stored, then break every read of it. 20 leaves room for wrapping it further.
+MAX_INPUT_DEPTH = 20
 MAX_REQUEST_ID = 128
 MAX_REASON = 1_024
 MAX_ERROR_CODE = 128

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from typing import Mapping
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from . import limits
 from .errors import Violations
@@ -38,6 +38,20 @@ def environment(v: Violations, value: str, known: frozenset[str], field: str = "
         v.add(field, f"unknown environment {value[:limits.MAX_ENVIRONMENT]!r}; known: {', '.join(sorted(known))}")
 
 
+def json_depth(v: Violations, field: str, value: object, *, max_depth: int) -> None:
+    """How deep objects and lists nest in ``value`` (an object holding only scalars is 1 deep)."""
+    todo = [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > max_depth:
+                    v.add(field, f"must not nest objects and lists more than {max_depth} deep")
+                    return
+                todo.append((child, depth + 1))
+
+
 def redirect_url(v: Violations, value: str) -> None:
     if not value:
         return
@@ -55,6 +69,16 @@ def redirect_url(v: Violations, value: str) -> None:
         or any(c.isspace() for c in value)
     ):
         v.add("redirect_url", "must be an absolute http or https URL with a host")
+    elif not _valid_port(parts):
+        v.add("redirect_url", "has a port that is not a number from 0 to 65535")
+
+
+def _valid_port(parts: SplitResult) -> bool:
+    try:
+        parts.port  # raises for a port that is not a number in 0-65535
+    except ValueError:
+        return False
+    return True
 
 
 def metadata(v: Violations, value: Mapping[str, str]) -> None:
