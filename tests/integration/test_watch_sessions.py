@@ -1,13 +1,16 @@
 """WatchSessions: every matching event in commit order, resumable by cursor with no gap and no duplicate."""
 from __future__ import annotations
 
+import asyncio
 import queue
 import random
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import grpc
+import pytest
 from google.protobuf import struct_pb2
 
 from flowsession.client import FlowsessionError, connect
@@ -54,6 +57,20 @@ class Collector:
 
     def events(self, n: int) -> list:
         return [r.event for r in self.take(n)]
+
+    def events_and_heartbeats(self, n: int) -> tuple[list, list[tuple[int, str]]]:
+        """The next ``n`` events, and the heartbeats among them as (events before it, its cursor)."""
+        events: list = []
+        beats: list[tuple[int, str]] = []
+        deadline = time.monotonic() + TIMEOUT
+        while len(events) < n:
+            assert time.monotonic() < deadline, f"{len(events)} of {n} events arrived"
+            (item,) = self.take(1)
+            if item.HasField("event"):
+                events.append(item.event)
+            else:
+                beats.append((len(events), item.heartbeat.cursor))
+        return events, beats
 
     def close(self) -> None:
         self.stream.cancel()
@@ -141,7 +158,7 @@ def test_cursor_errors(client):
     expect_error(watch, spb.WatchSessionsRequest(environment="live", statuses=[42]), grpc.StatusCode.INVALID_ARGUMENT, prefix_fields=("statuses",))
 
 
-def test_every_event_arrives_once_per_watcher_under_concurrent_writers_and_random_resumes(client):
+def test_every_event_arrives_once_per_watcher_under_concurrent_writers_and_random_resumes(server, client):
     flow_id = published_flow(client)
     rng = random.Random(7)
     start = Collector(client)
@@ -180,22 +197,77 @@ def test_every_event_arrives_once_per_watcher_under_concurrent_writers_and_rando
         stop.set()
         for w in writers:
             w.result(timeout=TIMEOUT)
-    reference = results[0]
+    # The log itself, read from the store: every watcher got exactly its beginning, in order.
+    logged = [(e.session_id, e.version) for e in server.call(server.server.store.events_since(0, 1_000_000))]
+    log_keys = logged[logged.index((seed, 1)) + 1 :]  # the origin every watcher resumed after
+    assert len(log_keys) >= 120
     for seen in results:
         keys = [(e.session.session_id, e.version) for e in seen]
-        assert len(keys) == len(set(keys)), "duplicate event"
+        assert keys == log_keys[: len(keys)], "a gap, a duplicate or another order than the log's"
         cursors = [e.cursor for e in seen]
-        assert cursors == sorted(cursors), "out of commit order"
-        # Same log for everyone: each watcher's events are a prefix of the full ordered log.
-        n = min(len(seen), len(reference))
-        assert keys[:n] == [(e.session.session_id, e.version) for e in reference[:n]]
-        # Per session, versions arrive gapless.
-        per_session: dict[str, list[int]] = {}
-        for sid, version in keys:
-            per_session.setdefault(sid, []).append(version)
-        for sid, versions in per_session.items():
-            assert versions == list(range(versions[0], versions[0] + len(versions))), (sid, versions)
-    assert seed  # the seed session's event is the origin every watcher resumed after
+        assert cursors == sorted(cursors), "cursors out of commit order"
+
+
+class Gate:
+    """Holds one store read on the server's loop until the test opens it: what commits meanwhile is
+    published to watchers that are still catching up."""
+
+    def __init__(self, server: ServerThread, method: str):
+        self.entered = threading.Event()
+        self._open = server.call(_new_event())
+        self._server = server
+        store = server.server.store
+        original = getattr(store, method)
+
+        async def held(*args, **kwargs):
+            self.entered.set()
+            await self._open.wait()
+            return await original(*args, **kwargs)
+
+        setattr(store, method, held)
+
+    def open(self) -> None:
+        self._server.loop.call_soon_threadsafe(self._open.set)
+
+
+async def _new_event() -> asyncio.Event:
+    return asyncio.Event()
+
+
+@pytest.mark.parametrize("mode", ["include_current", "after_cursor"])
+def test_live_events_that_overflow_while_catching_up_are_read_from_the_log(tmp_path, mode):
+    # Queue of 2: the 5 sessions created while the watcher reads its backlog overflow its buffer. They
+    # must come from the log, and live delivery must go on afterwards (it once stopped for good).
+    server = ServerThread(settings_for(tmp_path, watch_queue=2, watch_heartbeat=0.2))
+    try:
+        with connect(server.address) as client:
+            flow_id = published_flow(client)
+            running = [new_session(client, flow_id).session for _ in range(3)]
+            first = client.sessions.WatchSessions(spb.WatchSessionsRequest(environment="live", after_cursor=""), timeout=TIMEOUT)
+            report(client, running[0].session_id, "document", "ok")
+            origin = next(r.event for r in first if r.HasField("event"))
+            first.cancel()
+            gate = Gate(server, "current_events" if mode == "include_current" else "environment_events")
+            request = {"include_current": True} if mode == "include_current" else {"after_cursor": origin.cursor}
+            watch = Collector(client, **request)
+            try:
+                assert gate.entered.wait(TIMEOUT)
+                created = [new_session(client, flow_id).session.session_id for _ in range(5)]
+                gate.open()
+                backlog = 3 if mode == "include_current" else 0  # one event per RUNNING session first
+                events, beats = watch.events_and_heartbeats(backlog + 5)
+                assert [e.session.session_id for e in events[backlog:]] == created
+                later = new_session(client, flow_id).session.session_id
+                more, more_beats = watch.events_and_heartbeats(1)
+                assert more[0].session.session_id == later
+                # A heartbeat after k events claims no cursor of an event still to come.
+                events += more
+                beats += [(k + backlog + 5, cursor) for k, cursor in more_beats]
+                assert all(e.cursor > cursor for k, cursor in beats for e in events[k:] if cursor), beats
+            finally:
+                watch.close()
+    finally:
+        server.stop()
 
 
 def test_heartbeats_on_idle_streams(tmp_path):

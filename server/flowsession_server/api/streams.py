@@ -141,6 +141,17 @@ class Streams:
         watcher = self._hub.watch_session(request.session_id)
         last = request.after_version
 
+        async def history() -> list[SessionEvent]:
+            """The log after ``last``, refused when retention has deleted some of it (also mid-replay)."""
+            pending = await self._store.events_after(request.session_id, last)
+            if pending and pending[0].version != last + 1:
+                raise OutOfRange(
+                    f"events after version {last} are no longer retained; read the session and watch from 0",
+                    reason="CURSOR_EXPIRED",
+                    metadata={"oldest_version": str(pending[0].version)},
+                )
+            return pending
+
         async def body(sender: _Sender) -> None:
             nonlocal last
             self._admit()
@@ -156,13 +167,7 @@ class Streams:
                     return  # the caller already has the terminal event
                 # after_version 0 starts from the current state: the event that produced it.
                 last = request.after_version or session.version - 1
-                pending = await self._store.events_after(request.session_id, last)
-                if pending and pending[0].version != last + 1:
-                    raise OutOfRange(
-                        f"events after version {last} are no longer retained; read the session and watch from 0",
-                        reason="CURSOR_EXPIRED",
-                        metadata={"oldest_version": str(pending[0].version)},
-                    )
+                pending = await history()
             finally:
                 self._opening -= 1
             while True:
@@ -174,7 +179,7 @@ class Streams:
                     if event.terminal:
                         return
                 if len(pending) >= EVENT_PAGE:  # a long history: read the next page of the log
-                    pending = await self._store.events_after(request.session_id, last)
+                    pending = await history()
                     continue
                 live = await self._next(watcher)
                 if live is None:
@@ -185,7 +190,7 @@ class Streams:
                 elif live.version == last + 1:
                     pending = [live]
                 else:  # a gap (another process committed in between): refill from the log
-                    pending = await self._store.events_after(request.session_id, last)
+                    pending = await history()
 
         await self._run(context, watcher, body, lambda: {"last_version": str(last)})
 
@@ -206,22 +211,28 @@ class Streams:
             await sender.send(self._responses.get(pb.WatchSessionsResponse, event))
             last = max(last, event.cursor)
 
+        async def replay(sender: _Sender) -> None:
+            """Sends the log after ``last`` until caught up with the hub; an overflow of the watcher's
+            buffer meanwhile only means that more of it is read from the log."""
+            while True:
+                page = await self._store.environment_events(request.environment, request.flow_id, statuses, last, EVENT_PAGE)
+                # Read after the page: retention (one transaction, cursors up to pruned_through) may have
+                # deleted events of the range while it was being replayed.
+                oldest = await self._store.pruned_through()
+                if oldest > last:
+                    raise self._expired("events after the cursor were pruned while being replayed", oldest)
+                for event in page:
+                    await send(event, sender)
+                if len(page) < EVENT_PAGE and not watcher.take_overflow():
+                    return
+
         async def body(sender: _Sender) -> None:
             nonlocal last
             self._admit()
             try:
                 if request.after_cursor:
                     last = await self._resume_point(request.after_cursor)
-                    # Replay the log until caught up with the hub; an overflow meanwhile only means
-                    # that more of it is read from the log.
-                    while True:
-                        page = await self._store.environment_events(
-                            request.environment, request.flow_id, statuses, last, EVENT_PAGE
-                        )
-                        for event in page:
-                            await send(event, sender)
-                        if len(page) < EVENT_PAGE and not watcher.take_overflow():
-                            break
+                    await replay(sender)
                 elif request.include_current and (not statuses or SessionStatus.RUNNING in statuses):
                     up_to, position = last, 0
                     while True:
@@ -233,9 +244,11 @@ class Streams:
                         if len(page) < EVENT_PAGE:
                             break
                         position = page[-1].cursor
+                    if watcher.take_overflow():  # live events that overflowed meanwhile are in the log
+                        await replay(sender)
             finally:
                 self._opening -= 1
-            watcher.catching_up = False
+            watcher.catching_up = False  # no await since the last overflow check: nothing slips between
             while True:
                 live = await self._next(watcher)
                 if live is None:
