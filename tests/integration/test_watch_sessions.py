@@ -4,10 +4,12 @@ from __future__ import annotations
 import asyncio
 import queue
 import random
+import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from pathlib import Path
 
 import grpc
 import pytest
@@ -371,7 +373,7 @@ def test_retention_prunes_old_history_and_old_cursors_expire(tmp_path):
             flow_id = published_flow(client, timeout_s=30 * 86400)
             watch = Collector(client)
             done = new_session(client, flow_id).session.session_id
-            epoch = watch.events(1)[0].cursor.rsplit("-", 1)[0]
+            epoch = watch.events(1)[0].cursor.split("-")[0]
             watch.close()
             report(client, done, "document", "bad")  # terminal
             running = new_session(client, flow_id).session.session_id
@@ -395,6 +397,7 @@ def test_retention_prunes_old_history_and_old_cursors_expire(tmp_path):
             # A session's latest event is kept too, so watching an ended session still works.
             assert [e.version for e in [r.event for r in client.sessions.WatchSession(
                 spb.WatchSessionRequest(environment="live", session_id=done), timeout=TIMEOUT)]] == [2]
+            assert len(err.metadata["oldest_cursor"].split("-")) == 3  # names the newest pruned event
             resumed = Collector(client, after_cursor=err.metadata["oldest_cursor"])
             got = resumed.events(3)
             assert [(e.session.session_id, e.version) for e in got] == [(done, 2), (running, 1), (running, 2)]
@@ -465,3 +468,71 @@ def test_watch_sessions_resumes_across_a_restart(tmp_path):
     finally:
         second.terminate()
         second.close()
+
+
+def _backup(source: Path, target: Path) -> None:
+    """A consistent copy of a live database, as an operator's backup would be."""
+    with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
+        src.backup(dst)
+
+
+def test_a_cursor_from_before_a_restore_is_refused_once_the_restored_log_passes_it(tmp_path):
+    db = tmp_path / "flowsession.db"
+    server = ServerThread(settings_for(tmp_path))
+    try:
+        with connect(server.address) as client:
+            flow_id = published_flow(client)
+            watch = Collector(client)
+            kept = new_session(client, flow_id).session.session_id
+            in_backup = watch.events(1)[0].cursor
+            _backup(db, tmp_path / "backup.db")
+            lost = [new_session(client, flow_id).session.session_id for _ in range(3)]
+            seen_before_restore = watch.events(3)[-1].cursor  # a client stored this one
+            watch.close()
+    finally:
+        server.stop()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    (tmp_path / "backup.db").rename(db)
+    server = ServerThread(settings_for(tmp_path))
+    try:
+        with connect(server.address) as client:
+            resume = lambda cursor: Collector(client, after_cursor=cursor)  # noqa: E731
+            # The restored log has not reached the cursor yet: ahead of this database.
+            with pytest.raises(grpc.RpcError) as ahead:
+                resume(seen_before_restore).take(1)
+            assert FlowsessionError.from_rpc_error(ahead.value).reason == "CURSOR_EXPIRED"
+            # New writes reuse the lost events' cursors. Resuming there would skip them: refused too.
+            fresh = [new_session(client, flow_id).session.session_id for _ in range(5)]
+            with pytest.raises(grpc.RpcError) as reused:
+                resume(seen_before_restore).take(1)
+            err = FlowsessionError.from_rpc_error(reused.value)
+            assert (err.code, err.reason) == (grpc.StatusCode.OUT_OF_RANGE, "CURSOR_EXPIRED"), err
+            assert "restored" in err.message
+            # A cursor of an event the backup holds is still good, and replays the restored log after it.
+            replay = resume(in_backup)
+            assert [e.session.session_id for e in replay.events(5)] == fresh
+            replay.close()
+            assert kept and not set(lost) & set(fresh)
+    finally:
+        server.stop()
+
+
+def test_cursors_issued_without_a_tag_still_resume(client):
+    # Cursors issued before tags ("<epoch>-<16 hex>") name no event to check, and must keep working.
+    flow_id = published_flow(client)
+    watch = Collector(client)
+    sid = new_session(client, flow_id).session.session_id
+    tagged = watch.events(1)[0].cursor
+    watch.close()
+    epoch, position, tag = tagged.split("-")
+    assert len(tag) == 8
+    report(client, sid, "document", "ok")
+    legacy = Collector(client, after_cursor=f"{epoch}-{position}")
+    event = legacy.events(1)[0]
+    assert (event.session.session_id, event.version) == (sid, 2)
+    legacy.close()
+    wrong = f"{epoch}-{position}-{int(tag, 16) ^ 1:08x}"
+    with pytest.raises(grpc.RpcError) as info:
+        Collector(client, after_cursor=wrong).take(1)
+    assert FlowsessionError.from_rpc_error(info.value).reason == "CURSOR_EXPIRED"

@@ -168,7 +168,8 @@ def heartbeat(version: int) -> Any:
 
 
 def cursor(position: int, epoch: str = "e1") -> str:
-    return f"{epoch}-{position:016x}"  # the server's format: "<epoch>-<16 hex digits>"
+    # The server's format: "<epoch>-<16 hex digits>-<tag>"; the tag names the event (any 8 hex digits here).
+    return f"{epoch}-{position:016x}-{position * 7919 % 2**32:08x}"
 
 
 def feed_event(position: int, session_id: str = "s-1", epoch: str = "e1") -> Any:
@@ -877,3 +878,17 @@ def test_closing_the_sessions_iterator_cancels_the_stream(client: Client, fake: 
 
     events.close()
     within_deadline(rpc.cancelled)
+
+
+@pytest.mark.parametrize(
+    "cursor_, last, expected",
+    [
+        (f"e1-{5:016x}", f"e1-{5:016x}-0a0b0c0d", True),  # an untagged (older server's) cursor, same place
+        (f"e1-{4:016x}-00000001", f"e1-{5:016x}", True),
+        (f"e1-{6:016x}-00000001", f"e1-{5:016x}-00000002", False),
+        (f"e2-{1:016x}-00000001", f"e1-{5:016x}-00000002", False),  # another database: not comparable
+        ("junk", f"e1-{5:016x}", False),
+    ],
+)
+def test_cursor_order_ignores_the_tag_and_needs_one_epoch(cursor_: str, last: str, expected: bool) -> None:
+    assert client_module._not_after(cursor_, last) is expected

@@ -71,11 +71,11 @@ def test_event_responses_carry_the_event_and_match_the_rpc_answer_whichever_conv
     first_answer = _session("ses_b", version=5)
     answer_b = convert.session_pb(first_answer)
     for s in (first_event, first_answer):
-        event = SessionEvent(s.session_id, s.version, EventType.EXPIRED, s.update_time, s, cursor=4711)
+        event = SessionEvent(s.session_id, s.version, EventType.EXPIRED, s.update_time, s, cursor=4711, tag="0a1b2c3d")
         for kind in (pb.WatchSessionResponse, pb.WatchSessionsResponse):
             r = convert.event_response(kind, event, EPOCH)
             assert r.HasField("event") and not r.HasField("heartbeat")
-            assert (r.event.version, r.event.cursor) == (s.version, convert.cursor_token(EPOCH, 4711))
+            assert (r.event.version, r.event.cursor) == (s.version, f"{EPOCH}-{4711:016x}-0a1b2c3d")
             assert r.event.type == session_pb2.SESSION_EVENT_TYPE_EXPIRED
             assert _us(r.event.event_time) == convert.to_us(s.update_time)
             assert r.event.session.SerializeToString() == convert.session_pb(s).SerializeToString()

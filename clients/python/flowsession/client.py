@@ -135,14 +135,14 @@ def _backoff(attempt: int) -> float:
 
 
 def _not_after(cursor: str, last: str) -> bool:
-    """True when cursor is known to be at or before last: both "<epoch>-<hex>" of the same epoch.
-    Cursors of different epochs (or not in that form) are not comparable, so never "not after"."""
-    epoch, _, position = cursor.rpartition("-")
-    last_epoch, _, last_position = last.rpartition("-")
+    """True when cursor is known to be at or before last: both "<epoch>-<hex>[-<tag>]" of the same
+    epoch. Cursors of different epochs (or not in that form) are not comparable, so never "not after"."""
+    epoch, _, rest = cursor.partition("-")
+    last_epoch, _, last_rest = last.partition("-")
     if not epoch or epoch != last_epoch:
         return False
     try:
-        return int(position, 16) <= int(last_position, 16)
+        return int(rest.split("-")[0], 16) <= int(last_rest.split("-")[0], 16)
     except ValueError:
         return False
 

@@ -79,7 +79,7 @@ class FlowsessionServer:
         await self.store.open(self.feed.on_commit, self._on_health)
         await self.feed.start()
         # "Now" for new watchers is the log's head at start, not the beginning of the log.
-        self.hub.high_water = self.feed.last_cursor
+        self.hub.high_water = self.feed.head_at_start
         self.expiry.start().add_done_callback(self._expiry_ended)
         self.retention.start()
         streams = Streams(

@@ -1,6 +1,7 @@
 """Proto <-> domain conversion. No rules here: only shapes."""
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -20,6 +21,7 @@ from ..domain.model import (
     FlowGraph,
     FlowVersion,
     FlowVersionState,
+    LogPosition,
     Session,
     SessionEvent,
     SessionOutcome,
@@ -208,9 +210,24 @@ def _fill_session(pb: session_pb2.Session, s: Session) -> None:
         error.step_id = s.error.step_id
 
 
-def cursor_token(epoch: str, cursor: int) -> str:
-    """Opaque to clients; embeds the store epoch so a cursor from another database is recognisable."""
-    return f"{epoch}-{cursor:016x}"
+_CURSOR = re.compile(r"([0-9a-f]+)-([0-9a-f]{16})(?:-([0-9a-f]{8}))?")
+
+
+def cursor_token(epoch: str, position: LogPosition) -> str:
+    """Opaque to clients: "<epoch>-<cursor as 16 hex digits>-<tag>", without "-<tag>" where the event is
+    unknown (and as issued before tags). The epoch tells another database apart, the tag a restored copy
+    of this one. Within one database the strings sort in commit order."""
+    token = f"{epoch}-{position.cursor:016x}"
+    return f"{token}-{position.tag}" if position.tag else token
+
+
+def parse_cursor(token: str) -> tuple[str, LogPosition, bool] | None:
+    """(epoch, position, whether it had a tag) of a cursor_token, or None for any other string."""
+    match = _CURSOR.fullmatch(token)
+    if match is None:
+        return None
+    epoch, cursor, tag = match.groups()
+    return epoch, LogPosition(int(cursor, 16), tag or ""), tag is not None
 
 
 def event_response(kind: type[T], event: SessionEvent, epoch: str) -> T:
@@ -221,5 +238,5 @@ def event_response(kind: type[T], event: SessionEvent, epoch: str) -> T:
     pb.type = _EVENT_TO_PB[event.type]
     _set_time(pb.event_time, event.event_time)
     _recent.fill(pb.session, event.session)
-    pb.cursor = cursor_token(epoch, event.cursor)
+    pb.cursor = cursor_token(epoch, event.position)
     return response

@@ -16,7 +16,7 @@ from flowsession.v1 import session_service_pb2 as pb
 
 from ..clock import Clock
 from ..domain.errors import DomainError, FieldViolation, InvalidArgument, OutOfRange, Unavailable
-from ..domain.model import SessionEvent, SessionStatus
+from ..domain.model import START, LogPosition, SessionEvent, SessionStatus
 from ..events.hub import Hub, Watcher
 from ..store.reads import EVENT_PAGE
 from ..store.store import Store
@@ -88,9 +88,9 @@ class Streams:
         assert self._store.keys is not None
         return self._store.keys.epoch
 
-    def _heartbeat(self, *, cursor: int = 0, version: int = 0) -> pb.WatchHeartbeat:
+    def _heartbeat(self, *, position: LogPosition = START, version: int = 0) -> pb.WatchHeartbeat:
         return pb.WatchHeartbeat(
-            cursor=convert.cursor_token(self._epoch, cursor) if cursor else "",
+            cursor=convert.cursor_token(self._epoch, position) if position.cursor else "",
             version=version,
             heartbeat_time=convert.timestamp(self._clock.now()),
         )
@@ -209,17 +209,20 @@ class Streams:
         async def send(event: SessionEvent, sender: _Sender) -> None:
             nonlocal last
             await sender.send(self._responses.get(pb.WatchSessionsResponse, event))
-            last = max(last, event.cursor)
+            if event.cursor > last.cursor:
+                last = event.position
 
         async def replay(sender: _Sender) -> None:
             """Sends the log after ``last`` until caught up with the hub; an overflow of the watcher's
             buffer meanwhile only means that more of it is read from the log."""
             while True:
-                page = await self._store.environment_events(request.environment, request.flow_id, statuses, last, EVENT_PAGE)
-                # Read after the page: retention (one transaction, cursors up to pruned_through) may have
-                # deleted events of the range while it was being replayed.
-                oldest = await self._store.pruned_through()
-                if oldest > last:
+                page = await self._store.environment_events(
+                    request.environment, request.flow_id, statuses, last.cursor, EVENT_PAGE
+                )
+                # Read after the page: retention (one transaction, cursors up to the oldest position) may
+                # have deleted events of the range while it was being replayed.
+                oldest = await self._store.oldest_position()
+                if oldest.cursor > last.cursor:
                     raise self._expired("events after the cursor were pruned while being replayed", oldest)
                 for event in page:
                     await send(event, sender)
@@ -234,7 +237,7 @@ class Streams:
                     last = await self._resume_point(request.after_cursor)
                     await replay(sender)
                 elif request.include_current and (not statuses or SessionStatus.RUNNING in statuses):
-                    up_to, position = last, 0
+                    up_to, position = last.cursor, 0
                     while True:
                         page = await self._store.current_events(
                             request.environment, request.flow_id, position, up_to, EVENT_PAGE
@@ -252,32 +255,35 @@ class Streams:
             while True:
                 live = await self._next(watcher)
                 if live is None:
-                    if watcher.idle:  # every matching event up to the hub's high water has been sent
-                        last = max(last, self._hub.high_water)
-                    await sender.send(pb.WatchSessionsResponse(heartbeat=self._heartbeat(cursor=last)))
-                elif live.cursor > last:
+                    # Every matching event up to the hub's high water has been sent once the buffer is empty.
+                    if watcher.idle and self._hub.high_water.cursor > last.cursor:
+                        last = self._hub.high_water
+                    await sender.send(pb.WatchSessionsResponse(heartbeat=self._heartbeat(position=last)))
+                elif live.cursor > last.cursor:
                     await send(live, sender)
 
         await self._run(context, watcher, body, lambda: {"last_cursor": convert.cursor_token(self._epoch, last)})
 
-    async def _resume_point(self, token: str) -> int:
-        epoch, _, position = token.rpartition("-")
-        try:
-            cursor = int(position, 16)
-        except ValueError:
-            cursor = -1
-        if not epoch or cursor < 0:
+    async def _resume_point(self, token: str) -> LogPosition:
+        parsed = convert.parse_cursor(token)
+        if parsed is None:
             raise InvalidArgument.of([FieldViolation("after_cursor", "is not a cursor this service issued")])
-        oldest = await self._store.pruned_through()
+        epoch, wanted, tagged = parsed
+        oldest, head, found = await self._store.log_bounds(wanted.cursor)
         if epoch != self._epoch:
             raise self._expired("the cursor belongs to another database", oldest)
-        if cursor < oldest:
+        if wanted.cursor < oldest.cursor:
             raise self._expired("events after the cursor are no longer retained", oldest)
-        if cursor > await self._store.max_cursor():
+        if wanted.cursor > head.cursor:
             raise self._expired("the cursor is ahead of this database (restored from a backup?)", oldest)
-        return cursor
+        # The event the cursor names: in the log, or the newest pruned one. A restored copy of the
+        # database has another event there (or none), and would otherwise skip what came after it.
+        actual = found if found is not None else oldest if wanted.cursor == oldest.cursor else None
+        if tagged and actual is not None and actual.tag and actual.tag != wanted.tag:
+            raise self._expired("the cursor names an event this database does not have (restored from a backup?)", oldest)
+        return actual or wanted
 
-    def _expired(self, why: str, oldest: int) -> OutOfRange:
+    def _expired(self, why: str, oldest: LogPosition) -> OutOfRange:
         return OutOfRange(
             f"{why}; re-read with ListSessions and watch from now",
             reason="CURSOR_EXPIRED",

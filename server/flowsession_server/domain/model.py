@@ -133,8 +133,22 @@ class Session:
 
 
 @dataclass(frozen=True)
+class LogPosition:
+    """A place in the global event log: just after the event at ``cursor`` (0: the start). ``tag``
+    identifies that event (empty at the start, or where the event is unknown), so a position is told
+    apart from the same cursor in a database restored from an older copy, whose log went on differently."""
+
+    cursor: int
+    tag: str = ""
+
+
+START = LogPosition(0)
+
+
+@dataclass(frozen=True)
 class SessionEvent:
-    """One committed change: the session as it stood after it. ``cursor`` is the global log position."""
+    """One committed change: the session as it stood after it. ``cursor`` is the global log position;
+    ``tag`` identifies the event at it (see LogPosition); the store sets both."""
 
     session_id: str
     version: int
@@ -142,6 +156,11 @@ class SessionEvent:
     event_time: datetime
     session: Session
     cursor: int = 0
+    tag: str = ""
+
+    @property
+    def position(self) -> LogPosition:
+        return LogPosition(self.cursor, self.tag)
 
     @property
     def terminal(self) -> bool:

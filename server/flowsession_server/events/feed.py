@@ -13,7 +13,7 @@ from typing import Callable
 
 from ..background import BackgroundLoop
 from ..domain.errors import DomainError
-from ..domain.model import SessionEvent
+from ..domain.model import START, LogPosition, SessionEvent
 from ..store.store import Store
 
 log = logging.getLogger(__name__)
@@ -32,11 +32,13 @@ class Feed(BackgroundLoop):
         self._subscribers = subscribers
         self._poll_interval = poll_interval
         self.last_cursor = 0
+        self.head_at_start: LogPosition = START
         self._catching_up = False
         self._wake = asyncio.Event()
 
     async def start(self) -> None:
-        self.last_cursor = await self._store.max_cursor()
+        self.head_at_start = await self._store.head()
+        self.last_cursor = self.head_at_start.cursor
         self._spawn(self._run())
 
     def on_commit(self, events: list[SessionEvent]) -> None:

@@ -14,7 +14,7 @@ from collections import deque
 from typing import Callable
 
 from ..domain.errors import DomainError, ResourceExhausted, Unavailable
-from ..domain.model import SessionEvent
+from ..domain.model import START, LogPosition, SessionEvent
 
 Match = Callable[[SessionEvent], bool]
 
@@ -102,8 +102,8 @@ class Hub:
         self._by_environment: dict[str, set[Watcher]] = {}
         self._count = 0
         self._closed: DomainError | None = None
-        # The cursor of the last event published: every event up to it has been offered to every watcher.
-        self.high_water = 0
+        # The position of the last event published: every event up to it has been offered to every watcher.
+        self.high_water: LogPosition = START
 
     @property
     def watcher_count(self) -> int:
@@ -147,8 +147,8 @@ class Hub:
             for watcher in tuple(self._by_environment.get(event.session.environment, ())):
                 if watcher.match is None or watcher.match(event):
                     watcher.offer(event)
-            if event.cursor > self.high_water:
-                self.high_water = event.cursor
+        if events and events[-1].cursor > self.high_water.cursor:  # events come in cursor order
+            self.high_water = events[-1].position
 
     def close(self) -> None:
         """Shutdown: every open watch ends with UNAVAILABLE so clients resume elsewhere or later."""

@@ -248,14 +248,12 @@ def _apply(conn: sqlite3.Connection, before: Session, event: SessionEvent) -> Se
 
 def _append_event(conn: sqlite3.Connection, event: SessionEvent, body: str) -> SessionEvent:
     s = event.session
+    event_us = codec.to_us(event.event_time)
     cur = conn.execute(
         "INSERT INTO events (session_id, version, type, event_us, environment, flow_id, status, body) VALUES (?,?,?,?,?,?,?,?)",
-        [
-            event.session_id, event.version, event.type.value, codec.to_us(event.event_time),
-            s.environment, s.flow_id, s.status.value, body,
-        ],
+        [event.session_id, event.version, event.type.value, event_us, s.environment, s.flow_id, s.status.value, body],
     )
-    return replace(event, cursor=cur.lastrowid or 0)
+    return replace(event, cursor=cur.lastrowid or 0, tag=codec.event_tag(event.session_id, event.version, event_us))
 
 
 def _replay(conn: sqlite3.Connection, key: IdempotencyKey) -> Session | None:
@@ -327,7 +325,7 @@ def prune_events(limit: int, retention: timedelta, now: datetime) -> Command:
     def run(conn: sqlite3.Connection) -> Done[int]:
         cutoff = codec.to_us(now - retention)
         rows = conn.execute(
-            "SELECT e.cursor FROM events e JOIN sessions s ON s.session_id = e.session_id "
+            "SELECT e.cursor, e.session_id, e.version, e.event_us FROM events e JOIN sessions s ON s.session_id = e.session_id "
             "WHERE e.event_us < ? AND s.status != 'RUNNING' AND e.version < s.version LIMIT ?",
             [cutoff, limit],
         ).fetchall()
@@ -340,10 +338,14 @@ def prune_events(limit: int, retention: timedelta, now: datetime) -> Command:
         )
         if cursors:
             conn.executemany("DELETE FROM events WHERE cursor = ?", [[c] for c in cursors])
-            conn.execute(
-                "UPDATE meta SET value = CAST(MAX(CAST(value AS INTEGER), ?) AS TEXT) WHERE key = 'pruned_through'",
-                [max(cursors)],
-            )
+            top = max(rows, key=lambda r: r["cursor"])
+            if top["cursor"] > reads.pruned_through(conn):
+                # The oldest resumable position is the newest pruned event: keep its tag to verify it by.
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'pruned_through'", [str(top["cursor"])])
+                conn.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('pruned_tag', ?)",
+                    [codec.event_tag(top["session_id"], top["version"], top["event_us"])],
+                )
         return Done(len(cursors))
 
     return run

@@ -8,7 +8,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, TypeVar
 
-from ..domain.model import Flow, FlowVersion, Session, SessionEvent, SessionStatus
+from ..domain.model import START, Flow, FlowVersion, LogPosition, Session, SessionEvent, SessionStatus
 from . import codec, schema
 
 T = TypeVar("T")
@@ -166,6 +166,37 @@ def max_cursor(conn: sqlite3.Connection) -> int:
 
 def pruned_through(conn: sqlite3.Connection) -> int:
     return int(conn.execute("SELECT value FROM meta WHERE key = 'pruned_through'").fetchone()["value"])
+
+
+def head(conn: sqlite3.Connection) -> LogPosition:
+    """The position after the log's newest event."""
+    row = conn.execute("SELECT cursor, session_id, version, event_us FROM events ORDER BY cursor DESC LIMIT 1").fetchone()
+    return START if row is None else _position(row)
+
+
+def oldest_position(conn: sqlite3.Connection) -> LogPosition:
+    """The oldest position a watch may resume from: after the newest pruned event (its tag is kept
+    with it; empty if pruned before tags were kept)."""
+    cursor = pruned_through(conn)
+    if cursor == 0:
+        return START
+    row = conn.execute("SELECT value FROM meta WHERE key = 'pruned_tag'").fetchone()
+    return LogPosition(cursor, "" if row is None else row["value"])
+
+
+def log_bounds(conn: sqlite3.Connection, cursor: int) -> tuple[LogPosition, LogPosition, LogPosition | None]:
+    """In one snapshot: the oldest resumable position, the head, and the position of the event at
+    ``cursor`` if the log holds it."""
+    conn.execute("BEGIN")  # one read transaction: retention or a writer cannot slip between the three
+    try:
+        row = conn.execute("SELECT cursor, session_id, version, event_us FROM events WHERE cursor = ?", [cursor]).fetchone()
+        return oldest_position(conn), head(conn), None if row is None else _position(row)
+    finally:
+        conn.execute("COMMIT")
+
+
+def _position(row: Any) -> LogPosition:
+    return LogPosition(row["cursor"], codec.event_tag(row["session_id"], row["version"], row["event_us"]))
 
 
 def next_expiry_us(conn: sqlite3.Connection) -> int | None:

@@ -11,7 +11,7 @@ from typing import Any, Callable, Iterable
 
 from ..clock import Clock
 from ..domain.errors import NotFound
-from ..domain.model import Flow, FlowGraph, FlowVersion, Session, SessionEvent, SessionStatus
+from ..domain.model import Flow, FlowGraph, FlowVersion, LogPosition, Session, SessionEvent, SessionStatus
 from . import codec, commands, reads, schema
 from .commands import IdempotencyKey, NewSession, Verb
 from .writer import Writer
@@ -165,6 +165,13 @@ class Store:
     async def max_cursor(self) -> int:
         return await self._read(reads.max_cursor)
 
+    async def head(self) -> LogPosition:
+        return await self._read(reads.head)
+
+    async def log_bounds(self, cursor: int) -> tuple[LogPosition, LogPosition, LogPosition | None]:
+        """The oldest resumable position, the head, and the position of the event at ``cursor`` if any."""
+        return await self._read(reads.log_bounds, cursor)
+
     @property
     def publishing(self) -> tuple[int, int] | None:
         """The cursor range this process has committed and not yet handed to on_commit, if any."""
@@ -185,6 +192,9 @@ class Store:
 
     async def pruned_through(self) -> int:
         return await self._read(reads.pruned_through)
+
+    async def oldest_position(self) -> LogPosition:
+        return await self._read(reads.oldest_position)
 
     async def prune_events(self, retention: timedelta, *, limit: int = 5000) -> int:
         return await self._write(commands.prune_events, limit, retention)
