@@ -16,8 +16,20 @@ from flowsession.client import FlowsessionError, connect
 from flowsession.v1 import session_pb2, session_service_pb2 as spb
 from flowsession_server.api import tokens
 from flowsession_server.domain.errors import Unavailable
+from flowsession_server.store import reads
 
-from ..support import TIMEOUT, ServerProcess, ServerThread, get, new_session, published_flow, report, settings_for, wait_until
+from ..support import (
+    TIMEOUT,
+    ServerProcess,
+    ServerThread,
+    expect_error,
+    get,
+    new_session,
+    published_flow,
+    report,
+    settings_for,
+    wait_until,
+)
 
 
 def test_health_is_serving(client):
@@ -193,3 +205,36 @@ def test_session_tokens_stay_valid_across_a_restart(tmp_path):
             tokens.verify(created.session_token, b"another key" * 3)
     finally:
         second.stop()
+
+
+def test_a_failing_read_is_unavailable_and_expiry_keeps_running(server, client, monkeypatch, caplog):
+    flow_id = published_flow(client)
+    sid = new_session(client, flow_id).session.session_id
+
+    def broken(*args):
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(reads, "get_session", broken)
+    monkeypatch.setattr(reads, "next_expiry_us", broken)
+    err = expect_error(
+        client.sessions.GetSession,
+        spb.GetSessionRequest(environment="live", session_id=sid),
+        grpc.StatusCode.UNAVAILABLE,
+        "STORE_UNAVAILABLE",
+    )
+    assert err.retry_delay == 1.0
+    new_session(client, flow_id)  # an earlier deadline wakes the scheduler, whose next read fails
+    wait_until(lambda: "expiry pass failed" in caplog.text)
+    assert server.server.expiry.running  # a raw sqlite3 error used to end it for good
+    monkeypatch.undo()
+    assert get(client, sid).session_id == sid
+
+
+def test_health_is_not_serving_once_the_expiry_scheduler_has_stopped(server, client):
+    stub = health_pb2_grpc.HealthStub(client._channel)
+    assert stub.Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT).status == health_pb2.HealthCheckResponse.SERVING
+    server.call(server.server.expiry.stop())  # as if it had died: nothing would expire any more
+    wait_until(
+        lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT).status
+        == health_pb2.HealthCheckResponse.NOT_SERVING
+    )

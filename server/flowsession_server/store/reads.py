@@ -3,14 +3,17 @@ transaction, and ``Reader`` runs them on its own pooled WAL connections, off the
 from __future__ import annotations
 
 import asyncio
+import logging
 import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterable, TypeVar
 
 from ..domain.model import START, Flow, FlowVersion, LogPosition, Session, SessionEvent, SessionStatus
+from ..domain.errors import Unavailable
 from . import codec, schema
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 EVENT_PAGE = 1000
@@ -233,8 +236,14 @@ class Reader:
         return conn
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn`` on a reader thread. A failing read (I/O error, a corrupt page) is UNAVAILABLE, like a
+        failing commit: a caller can retry, and the background loops carry on instead of dying."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, lambda: fn(self._conn(), *args))
+        try:
+            return await loop.run_in_executor(self._pool, lambda: fn(self._conn(), *args))
+        except sqlite3.Error as exc:
+            log.warning("read %s failed: %s", getattr(fn, "__name__", fn), exc)
+            raise Unavailable(f"the store could not be read: {exc}", reason="STORE_UNAVAILABLE", retry_after=1.0) from exc
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
