@@ -5,6 +5,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import math
 import os
 import signal
 import sys
@@ -13,23 +14,25 @@ from datetime import timedelta
 
 from .api.app import build_server
 from .config import DEFAULT_ENVIRONMENTS, Settings
+from .domain import limits
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
-# (flag, type, default, minimum, help); each also reads FLOWSESSION_<FLAG_NAME> as its default.
-NUMERIC_FLAGS: tuple[tuple[str, type, float, float, str], ...] = (
-    ("--watch-queue", int, Settings.watch_queue, 1,
+# (flag, type, default, minimum, maximum, help); each also reads FLOWSESSION_<FLAG_NAME> as its default.
+NUMERIC_FLAGS: tuple[tuple[str, type, float, float, float, str], ...] = (
+    ("--watch-queue", int, Settings.watch_queue, 1, 1_000_000,
      "events buffered per watch stream before a slow client is cut off with WATCHER_TOO_SLOW"),
-    ("--watch-heartbeat", float, Settings.watch_heartbeat, 0.01, "seconds of idleness after which a watch stream gets a heartbeat"),
-    ("--max-watchers", int, Settings.max_watchers, 1, "open watch streams per process; more get RESOURCE_EXHAUSTED (TOO_MANY_WATCHERS)"),
-    ("--max-opening-watchers", int, Settings.max_opening_watchers, 1,
+    ("--watch-heartbeat", float, Settings.watch_heartbeat, 0.01, 86_400, "seconds of idleness after which a watch stream gets a heartbeat"),
+    ("--max-watchers", int, Settings.max_watchers, 1, 1_000_000, "open watch streams per process; more get RESOURCE_EXHAUSTED (TOO_MANY_WATCHERS)"),
+    ("--max-opening-watchers", int, Settings.max_opening_watchers, 1, 1_000_000,
      "watch streams replaying their backlog at once; more opens get UNAVAILABLE (SERVER_BUSY) with RetryInfo"),
-    ("--event-retention", float, Settings.event_retention.total_seconds(), 1,
+    ("--event-retention", float, Settings.event_retention.total_seconds(), 1, 3650 * 86_400,
      "seconds of event history kept (events of RUNNING sessions are always kept)"),
-    ("--feed-poll", float, Settings.feed_poll, 0.001, "seconds between looks for commits by other processes on the same database"),
-    ("--read-threads", int, Settings.read_threads, 1, "pooled read connections, each on its own thread"),
-    ("--shutdown-grace", float, Settings.shutdown_grace, 0, "seconds in-flight calls get to finish on SIGTERM before they are cancelled"),
+    ("--feed-poll", float, Settings.feed_poll, 0.001, 60, "seconds between looks for commits by other processes on the same database"),
+    ("--read-threads", int, Settings.read_threads, 1, 64, "pooled read connections, each on its own thread"),
+    ("--shutdown-grace", float, Settings.shutdown_grace, 0, 3600, "seconds in-flight calls get to finish on SIGTERM before they are cancelled"),
 )  # fmt: skip
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 def _dest(flag: str) -> str:
@@ -65,22 +68,33 @@ def _parser() -> argparse.ArgumentParser:
         default=env("FLOWSESSION_SYNCHRONOUS", Settings.synchronous),
         help="SQLite synchronous mode; FULL survives a power cut",
     )
-    for flag, kind, default, minimum, text in NUMERIC_FLAGS:
+    for flag, kind, default, minimum, maximum, text in NUMERIC_FLAGS:
         variable = "FLOWSESSION_" + _dest(flag).upper()
-        serve.add_argument(flag, type=kind, default=_from_env(variable, kind, default), help=f"{text} (at least {minimum})")
-    serve.add_argument("--log-level", default=env("FLOWSESSION_LOG_LEVEL", "INFO"))
+        serve.add_argument(
+            flag, type=kind, default=_from_env(variable, kind, default), help=f"{text} ({minimum} to {maximum:g})"
+        )
+    serve.add_argument("--log-level", default=env("FLOWSESSION_LOG_LEVEL", "INFO"), help=", ".join(LOG_LEVELS))
     return parser
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
+    """The checked settings; a bad value stops the start with a message naming the flag."""
     environments = frozenset(e.strip() for e in args.environments.split(",") if e.strip())
     if not environments:
         raise SystemExit("--environments needs at least one name")
+    for name in sorted(environments):  # clients must be able to name them in requests
+        if len(name) > limits.MAX_ENVIRONMENT or not limits.TOKEN_PATTERN.fullmatch(name):
+            raise SystemExit(
+                f"--environments: {name!r} must be 1-{limits.MAX_ENVIRONMENT} letters, digits, '_', '.' or '-'"
+            )
     if args.synchronous not in ("FULL", "NORMAL"):  # argparse does not check env-var defaults
         raise SystemExit(f"--synchronous must be FULL or NORMAL, not {args.synchronous!r}")
-    for flag, _kind, _default, minimum, _text in NUMERIC_FLAGS:  # argparse does not check ranges
-        if getattr(args, _dest(flag)) < minimum:
-            raise SystemExit(f"{flag} must be at least {minimum}")
+    if args.log_level.upper() not in LOG_LEVELS:
+        raise SystemExit(f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {args.log_level!r}")
+    for flag, _kind, _default, minimum, maximum, _text in NUMERIC_FLAGS:  # argparse does not check ranges
+        value = getattr(args, _dest(flag))
+        if not (math.isfinite(value) and minimum <= value <= maximum):  # NaN compares false to both
+            raise SystemExit(f"{flag} must be from {minimum} to {maximum:g}, not {value}")
     return replace(
         Settings(),
         db_path=args.db,
@@ -124,8 +138,8 @@ async def serve(settings: Settings, address: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = settings_from(args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     asyncio.run(serve(settings, args.address))
     return 0
 
