@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     for flag, kind, default, minimum, maximum, text in NUMERIC_FLAGS:
         variable = "FLOWSESSION_" + _dest(flag).upper()
         serve.add_argument(
-            flag, type=kind, default=_from_env(variable, kind, default), help=f"{text} ({minimum} to {maximum:g})"
+            flag, type=kind, default=_from_env(variable, kind, default), help=f"{text} ({minimum} to {maximum:,})"
         )
     serve.add_argument("--log-level", default=env("FLOWSESSION_LOG_LEVEL", "INFO"), help=", ".join(LOG_LEVELS))
     return parser
@@ -94,7 +94,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     for flag, _kind, _default, minimum, maximum, _text in NUMERIC_FLAGS:  # argparse does not check ranges
         value = getattr(args, _dest(flag))
         if not (math.isfinite(value) and minimum <= value <= maximum):  # NaN compares false to both
-            raise SystemExit(f"{flag} must be from {minimum} to {maximum:g}, not {value}")
+            raise SystemExit(f"{flag} must be from {minimum} to {maximum:,}, not {value}")
     return replace(
         Settings(),
         db_path=args.db,
