@@ -692,6 +692,32 @@ def test_change_session_idempotency(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+def test_replays_past_the_deadline_answer_the_expired_session(tmp_path: Path) -> None:
+    # "No read returns RUNNING after expire_time" holds for retried calls too: the first answer said
+    # RUNNING, so a retry past the deadline expires the session (one event) and answers that.
+    clock = FakeClock(T0)
+
+    async def body(store: Store, rec: Recorder) -> None:
+        flow = await published_flow(store)
+        create_key = IdempotencyKey(f"create:{ENV}", "req-c", "fp")
+        first, _ = await store.create_session(new_session(flow.flow_id, "ses_1"), create_key)
+        report_key = IdempotencyKey("report:ses_1", "req-r", "fp")
+        reported = await store.change_session(ENV, "ses_1", report("check", "retry"), report_key)
+        clock.advance(TIMEOUT)  # exactly at the deadline: overdue
+
+        again, replayed = await store.create_session(new_session(flow.flow_id, "ses_retry"), create_key)
+        assert replayed and again.session_id == "ses_1"
+        assert (again.status, again.version, again.end_time) == (SessionStatus.EXPIRED, 3, first.expire_time)
+        retried = await store.change_session(ENV, "ses_1", report("check", "retry"), report_key)
+        assert retried == again  # already expired: answered as it stands, not expired twice
+        assert [(e.type, e.version) for e in rec.events if e.session_id == "ses_1"] == [
+            (EventType.CREATED, 1), (EventType.STEP_COMPLETED, 2), (EventType.EXPIRED, 3),
+        ]
+        assert reported.version == 2
+
+    run(tmp_path, body, clock)
+
+
 # Durability and shutdown
 
 

@@ -111,13 +111,15 @@ def publish_flow_version(flow_id: str, version: int, environment: str, now: date
 
 
 def create_session(new: NewSession, idempotency: IdempotencyKey | None, now: datetime) -> Command:
-    """Value: (session, replayed). A replay returns the session as the first call answered it."""
+    """Value: (session, replayed). A replay returns the session as the first call answered it (see
+    ``_replayed`` for one past its deadline)."""
 
     def run(conn: sqlite3.Connection) -> Done[tuple[Session, bool]]:
         if idempotency is not None:
             earlier = _replay(conn, idempotency)
             if earlier is not None:
-                return Done((earlier, True))
+                done = _replayed(conn, earlier, _session(conn, new.environment, earlier.session_id), now)
+                return Done((done.value, True), done.events)
         flow = _flow(conn, new.flow_id)
         published = flow.published_versions.get(new.environment)
         if published is None:
@@ -189,7 +191,7 @@ def change_session(
         if idempotency is not None:
             earlier = _replay(conn, idempotency)
             if earlier is not None:
-                return Done(earlier)
+                return _replayed(conn, earlier, session, now)
         events: list[SessionEvent] = []
         if lifecycle.is_overdue(session, now):
             expired = _apply(conn, session, lifecycle.expire(session, now=now))
@@ -271,6 +273,18 @@ def _replay(conn: sqlite3.Connection, key: IdempotencyKey) -> Session | None:
         )
     response = json.loads(row["response"])
     return codec.session_from_body(row["session_id"], response["body"], response["input"])
+
+
+def _replayed(conn: sqlite3.Connection, earlier: Session, current: Session, now: datetime) -> Done[Session]:
+    """A retried call's answer: the first call's, unless that said RUNNING and the deadline has passed
+    since. No answer says RUNNING past expire_time, so the session is answered as it stands now,
+    expired first (with its event) if nothing else ended it."""
+    if not lifecycle.is_overdue(earlier, now):
+        return Done(earlier)
+    if lifecycle.is_overdue(current, now):
+        event = _apply(conn, current, lifecycle.expire(current, now=now))
+        return Done(event.session, [event])
+    return Done(current)
 
 
 def _remember(conn: sqlite3.Connection, key: IdempotencyKey, session: Session, now: datetime) -> None:
