@@ -452,6 +452,17 @@ def test_create_flow_version_refuses_an_unknown_outcome_value(client):
     assert get_flow(client, flow.flow_id).latest_version == 0
 
 
+def test_a_bad_flow_id_and_timeout_are_reported_with_the_graphs_violations(client):
+    steps = [_s("a", routes={"ok": "ghost"}), _s("b", "end", outcome=7)]
+    request = version_request("not an id", steps=steps, start="a")
+    request.execution_timeout.FromSeconds(0)
+    err = fails(client.flows.CreateFlowVersion, request, INVALID, "INVALID_FLOW_GRAPH")
+    found = [field for field, _ in err.field_violations]
+    for field in ("flow_id", "execution_timeout", "steps[1].outcome", "steps[0].routes['ok']"):
+        assert field in found, err.field_violations
+    assert found.count("execution_timeout") == 1
+
+
 def test_create_flow_version_reports_every_graph_violation_at_once(client):
     flow = create_flow(client)
     steps = [_s("a", routes={"ok": "ghost"}), end("b", ACCEPTED), _s("c")]

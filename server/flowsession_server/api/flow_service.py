@@ -18,14 +18,16 @@ from . import convert, errors
 def _definition(
     v: Violations, request: pb.CreateFlowVersionRequest | pb.UpdateFlowVersionRequest
 ) -> tuple[FlowGraph, timedelta]:
-    """The version's graph and timeout; raises every field violation collected so far, then the graph's."""
+    """The version's graph and timeout. Raises every violation at once, the request's fields' (in ``v``)
+    and the graph's, with reason INVALID_FLOW_GRAPH when the graph has any."""
     for i, step in enumerate(request.steps):
         if convert.outcome_from_pb(step.outcome) is None:
             v.add(f"steps[{i}].outcome", f"unknown outcome value {step.outcome}")
     graph = convert.graph_from_pb(request.start_step_id, request.steps)
-    timeout = convert.execution_timeout(v, request)
-    v.raise_if_any()
-    flowgraph.validate(graph, timeout)
+    timeout = convert.execution_timeout(v, request)  # the default if refused: no second violation below
+    flowgraph.check(v, graph, timeout)
+    in_graph = any(item.field.startswith(("steps", "start_step_id")) for item in v.items)
+    v.raise_if_any(reason="INVALID_FLOW_GRAPH" if in_graph else None)
     return graph, timeout
 
 

@@ -12,6 +12,12 @@ from .model import MAX_EXECUTION_TIMEOUT, MIN_EXECUTION_TIMEOUT, FlowGraph, Step
 def validate(graph: FlowGraph, execution_timeout: timedelta) -> None:
     """Raises InvalidArgument naming every offending step (field paths like ``steps[2].routes``)."""
     v = Violations()
+    check(v, graph, execution_timeout)
+    v.raise_if_any(reason="INVALID_FLOW_GRAPH")
+
+
+def check(v: Violations, graph: FlowGraph, execution_timeout: timedelta) -> None:
+    """Adds a violation to ``v`` for every problem of the graph and its timeout."""
     if not MIN_EXECUTION_TIMEOUT <= execution_timeout <= MAX_EXECUTION_TIMEOUT:
         v.add("execution_timeout", "must be between 1 second and 30 days")
     if not graph.steps:
@@ -59,7 +65,6 @@ def validate(graph: FlowGraph, execution_timeout: timedelta) -> None:
             elif step.step_id not in finishing:
                 # A loop with no way out: its sessions could only be aborted, failed or expire.
                 v.add(f"steps[{i}].routes", f"no end step can be reached from step {step.step_id!r}")
-    v.raise_if_any(reason="INVALID_FLOW_GRAPH")
 
 
 def _reachable(by_id: dict[str, Step], start: str) -> set[str]:
