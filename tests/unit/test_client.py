@@ -149,6 +149,17 @@ class SessionsWatcher(Consumer):
     def __init__(self, client: Client, **kwargs: Any) -> None:
         super().__init__(lambda: client.watch_sessions("live", **kwargs))
 
+    def timed_out(self) -> None:
+        """The iterator ended the way a WatchSessions iteration ends: the caller's deadline passed."""
+        assert self.error().code is grpc.StatusCode.DEADLINE_EXCEEDED
+
+    def resumes_after_ok(self, fake: grpc_testing.Channel) -> None:
+        """The stream ended with OK: the iterator re-opens (WatchSessions never ends by itself); the
+        re-opened stream then ends the iteration the usual way, with the caller's deadline."""
+        _, rpc = take_watch_sessions(fake)
+        rpc.terminate((), grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
+        assert self.error().code is grpc.StatusCode.DEADLINE_EXCEEDED
+
 
 def event(version: int, kind: int = session_pb2.SESSION_EVENT_TYPE_STEP_COMPLETED) -> Any:
     return session_service_pb2.WatchSessionResponse(
@@ -170,6 +181,12 @@ def heartbeat(version: int) -> Any:
 def cursor(position: int, epoch: str = "e1") -> str:
     # The server's format: "<epoch>-<16 hex digits>-<tag>"; the tag names the event (any 8 hex digits here).
     return f"{epoch}-{position:016x}-{position * 7919 % 2**32:08x}"
+
+
+def times_out(rpc: Any) -> None:
+    """Ends a stream with DEADLINE_EXCEEDED. The fake drops responses not yet read when a call ends
+    non-OK, so every response sent must have been read first."""
+    rpc.terminate((), grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded")
 
 
 def feed_event(position: int, session_id: str = "s-1", epoch: str = "e1") -> Any:
@@ -310,8 +327,9 @@ def test_retry_info_delay_is_slept_before_reconnecting(
     )
 
     _, rpc = take_watch(fake)
-    # take_watch returning means the second call was made, so the sleep before it has happened.
-    assert sleeps == [1.5]
+    # take_watch returning means the second call was made, so the sleep before it has happened:
+    # the server's delay, plus up to a quarter so streams ended together do not all return at once.
+    assert len(sleeps) == 1 and 1.5 <= sleeps[0] <= 1.875
     rpc.terminate((), grpc.StatusCode.OK, "")
     watcher.ends()
 
@@ -583,8 +601,8 @@ def test_watch_sessions_sends_the_request_and_does_not_yield_heartbeats_by_defau
     assert isinstance(first, session_pb2.SessionEvent)
     assert (first.cursor, first.session.session_id) == (cursor(5), "s-1")
     assert watcher.next_cursor() == cursor(6)
-    watcher.ends()
-    assert len(channel.calls) == 1
+    watcher.resumes_after_ok(fake)
+    assert len(channel.calls) == 2
 
 
 def test_watch_sessions_yields_heartbeats_when_asked(client: Client, fake: grpc_testing.Channel) -> None:
@@ -600,7 +618,7 @@ def test_watch_sessions_yields_heartbeats_when_asked(client: Client, fake: grpc_
     assert isinstance(beat, session_service_pb2.WatchHeartbeat)
     assert beat.cursor == cursor(3)
     assert watcher.next_cursor() == cursor(4)
-    watcher.ends()
+    watcher.resumes_after_ok(fake)
 
 
 def test_unavailable_resumes_from_the_last_event_cursor_without_include_current(
@@ -624,8 +642,8 @@ def test_unavailable_resumes_from_the_last_event_cursor_without_include_current(
 
     request, rpc = take_watch_sessions(fake)
     assert (request.after_cursor, request.include_current) == (cursor(8), False)
-    rpc.terminate((), grpc.StatusCode.OK, "")
-    watcher.ends()
+    times_out(rpc)
+    watcher.timed_out()
     assert [kwargs["wait_for_ready"] for _, kwargs in channel.calls] == [True, True, True]
     assert len(sleeps) == 2 and all(0 <= s <= 0.05 for s in sleeps)  # the counter reset on cursor 8
 
@@ -653,8 +671,8 @@ def test_resume_after_a_heartbeat_uses_the_heartbeat_cursor(
 
     request, rpc = take_watch_sessions(fake)
     assert request.after_cursor == cursor(9)
-    rpc.terminate((), grpc.StatusCode.OK, "")
-    watcher.ends()
+    times_out(rpc)
+    watcher.timed_out()
     assert after_cursors(channel) == ["", cursor(9), cursor(9)]
 
 
@@ -673,8 +691,8 @@ def test_watcher_too_slow_resumes_from_the_last_cursor_seen(
     assert request.after_cursor == cursor(11)
     rpc.send_response(feed_event(12))
     assert watcher.next_cursor() == cursor(12)
-    rpc.terminate((), grpc.StatusCode.OK, "")
-    watcher.ends()
+    times_out(rpc)
+    watcher.timed_out()
     assert first_window(sleeps)
 
 
@@ -691,14 +709,15 @@ def test_too_many_watchers_honours_the_retry_info_delay(
     )
 
     request, rpc = take_watch_sessions(fake)
-    assert sleeps == [2.5]  # the server's delay, not the backoff
+    # The server's delay (plus up to a quarter of it), not the backoff.
+    assert len(sleeps) == 1 and 2.5 <= sleeps[0] <= 3.125
     assert request.after_cursor == cursor(5)
     terminate_with(rpc, error_info(grpc.StatusCode.UNAVAILABLE, "SERVER_BUSY", retry_after=0.125))
 
     _, rpc = take_watch_sessions(fake)
-    assert sleeps == [2.5, 0.125]
-    rpc.terminate((), grpc.StatusCode.OK, "")
-    watcher.ends()
+    assert len(sleeps) == 2 and 0.125 <= sleeps[1] <= 0.15625
+    times_out(rpc)
+    watcher.timed_out()
 
 
 def test_cursor_expired_raises_the_typed_error_with_the_oldest_cursor(
@@ -772,8 +791,8 @@ def test_first_resume_without_a_cursor_re_sends_the_original_request(
     request, rpc = take_watch_sessions(fake)
     assert (request.after_cursor, request.include_current, request.flow_id) == (cursor(3), False, "kyc")
     assert list(request.statuses) == [session_pb2.SESSION_STATUS_RUNNING]
-    rpc.terminate((), grpc.StatusCode.OK, "")
-    watcher.ends()
+    times_out(rpc)
+    watcher.timed_out()
 
 
 def test_events_at_or_before_the_last_cursor_are_skipped_within_an_epoch(
@@ -843,8 +862,8 @@ def test_backoff_without_retry_info_widens_exponentially_is_capped_and_resets_on
     assert watcher.next_cursor() == cursor(1)
     terminate_with(rpc, error_info(grpc.StatusCode.RESOURCE_EXHAUSTED, "WATCHER_TOO_SLOW"))
     _, rpc = take_watch_sessions(fake)
-    rpc.terminate((), grpc.StatusCode.OK, "")
-    watcher.ends()
+    times_out(rpc)
+    watcher.timed_out()
 
     windows = [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0, 5.0, 5.0]
     assert sleeps == pytest.approx([*windows, 0.05])  # the event reset the attempt count
@@ -892,3 +911,22 @@ def test_closing_the_sessions_iterator_cancels_the_stream(client: Client, fake: 
 )
 def test_cursor_order_ignores_the_tag_and_needs_one_epoch(cursor_: str, last: str, expected: bool) -> None:
     assert client_module._not_after(cursor_, last) is expected
+
+
+def test_watch_sessions_resumes_after_an_ok_end_it_never_sends_itself(
+    client: Client, fake: grpc_testing.Channel, channel: RecordingChannel, sleeps: list[float]
+) -> None:
+    # WatchSessions never ends by itself, so an OK end (a proxy closing the stream) is a break to
+    # resume from, not the end of the iterator: it returned silently once.
+    watcher = SessionsWatcher(client, max_reconnects=1)
+    _, rpc = take_watch_sessions(fake)
+    rpc.send_response(feed_event(0x10))
+    assert watcher.next_cursor() == cursor(0x10)
+    rpc.terminate((), grpc.StatusCode.OK, "")
+
+    request, rpc = take_watch_sessions(fake)
+    assert request.after_cursor == cursor(0x10)
+    assert first_window(sleeps)
+    rpc.terminate((), grpc.StatusCode.OK, "")  # again, with no progress: the cap is reached
+    error = watcher.error()
+    assert error.code is grpc.StatusCode.UNAVAILABLE and "OK" in error.message

@@ -9,6 +9,7 @@ without gaps or duplicates.
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
@@ -134,6 +135,15 @@ def _backoff(attempt: int) -> float:
     return float(_RECONNECT.wait(state))
 
 
+def _delay(error: FlowsessionError, attempt: int) -> float:
+    """The wait before the attempt-th consecutive re-open: the server's RetryInfo delay plus up to a
+    quarter more (streams a server ended together, say at shutdown, do not all return at one
+    instant), else the jittered exponential backoff."""
+    if error.retry_delay is not None:
+        return error.retry_delay * random.uniform(1.0, 1.25)
+    return _backoff(attempt)
+
+
 def _not_after(cursor: str, last: str) -> bool:
     """True when cursor is known to be at or before last: both "<epoch>-<hex>[-<tag>]" of the same
     epoch. Cursors of different epochs (or not in that form) are not comparable, so never "not after"."""
@@ -213,7 +223,7 @@ class Client:
             last_version = event.version
             return True, event
 
-        return self._follow(open_stream, accept, max_reconnects)
+        return self._follow(open_stream, accept, max_reconnects, ends_by_itself=True)
 
     def watch_sessions(
         self,
@@ -244,7 +254,8 @@ class Client:
         missed, older events of other sessions may appear.
 
         `timeout` applies to each stream attempt (the server never ends the stream by itself, so a
-        timeout ends it with DEADLINE_EXCEEDED, raised). `max_reconnects` caps consecutive re-opens
+        timeout ends it with DEADLINE_EXCEEDED, raised; an end with OK, say from a proxy, is
+        resumed like UNAVAILABLE). `max_reconnects` caps consecutive re-opens
         with no new event or heartbeat in between (None: unlimited). Raises CursorExpiredError
         (with .oldest_cursor) on CURSOR_EXPIRED: re-read with ListSessions and watch from now.
         Raises FlowsessionError for any other failure or when the cap is hit.
@@ -286,16 +297,19 @@ class Client:
                 last_cursor = event.cursor
             return True, event
 
-        return self._follow(open_stream, accept, max_reconnects)
+        return self._follow(open_stream, accept, max_reconnects, ends_by_itself=False)
 
     def _follow(
         self,
         open_stream: Callable[[], Any],
         accept: Callable[[Any], tuple[bool, _T | None]],
         max_reconnects: int | None,
+        *,
+        ends_by_itself: bool,
     ) -> Iterator[_T]:
         """The resume loop of both watches. open_stream opens a call at the current position;
-        accept records a response's position and returns (progress, item to yield or None)."""
+        accept records a response's position and returns (progress, item to yield or None). A stream
+        that never ends by itself (ends_by_itself False) is resumed after an OK end too."""
         attempts = 0  # consecutive re-opens without progress: the cap's count and the backoff's exponent
         while True:
             # wait_for_ready (set by open_stream): while the connection is down a re-open waits for
@@ -308,18 +322,19 @@ class Client:
                         attempts = 0
                     if item is not None:
                         yield item
-                return
+                if ends_by_itself:
+                    return
+                error, cause = FlowsessionError(grpc.StatusCode.UNAVAILABLE, "the stream ended early with OK"), None
             except grpc.RpcError as err:
-                error = FlowsessionError.from_rpc_error(err)
-                if not _resumable(error) or (max_reconnects is not None and attempts >= max_reconnects):
-                    raise error from err
-                attempts += 1
-                delay = error.retry_delay if error.retry_delay is not None else _backoff(attempts)
+                error, cause = FlowsessionError.from_rpc_error(err), err
             finally:
                 # Frees the server's watcher when the caller stops iterating early; a no-op on a
                 # stream that already ended.
                 call.cancel()
-            self._sleep(delay)
+            if not _resumable(error) or (max_reconnects is not None and attempts >= max_reconnects):
+                raise error from cause
+            attempts += 1
+            self._sleep(_delay(error, attempts))
 
 
 def connect(address: str, *, options: Sequence[tuple[str, object]] = ()) -> Client:
