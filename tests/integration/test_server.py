@@ -223,7 +223,8 @@ def test_a_failing_read_is_unavailable_and_expiry_keeps_running(server, client, 
         "STORE_UNAVAILABLE",
     )
     assert err.retry_delay == 1.0
-    new_session(client, flow_id)  # an earlier deadline wakes the scheduler, whose next read fails
+    sooner = published_flow(client, timeout_s=3600)  # 1 h, before the first session's 24 h
+    new_session(client, sooner)  # an earlier deadline wakes the scheduler, whose next read fails
     wait_until(lambda: "expiry pass failed" in caplog.text)
     assert server.server.expiry.running  # a raw sqlite3 error used to end it for good
     monkeypatch.undo()

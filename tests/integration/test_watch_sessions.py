@@ -28,6 +28,7 @@ from ..support import (
     published_flow,
     report,
     settings_for,
+    wait_until,
 )
 
 ST = session_pb2
@@ -305,6 +306,7 @@ def test_a_watcher_that_stops_reading_is_cut_off_and_holds_no_memory(tmp_path):
             payload.update({"blob": "x" * 60_000})
             stalled = client.sessions.WatchSessions(spb.WatchSessionsRequest(environment="live"), timeout=60)
             healthy = Collector(client)
+            wait_until(lambda: server.call(_watcher_count(server)) == 2)  # both registered: they miss nothing
             first = new_session(client, flow_id, input=payload).session.session_id
             assert next(stalled).event.session.session_id == first  # live; now it stops reading
             assert healthy.events(1)[0].session.session_id == first
@@ -413,8 +415,13 @@ def test_two_processes_on_one_file_see_each_others_changes_and_expire_once(tmp_p
     try:
         with connect(a.address) as ca, connect(b.address) as cb:
             flow_id = published_flow(ca, timeout_s=1)
-            on_a = Collector(ca)
-            on_b = Collector(cb)
+            # Both watches resume after a known event, so none misses what follows however late it opens.
+            seed = new_session(ca, published_flow(ca)).session.session_id
+            one = cb.sessions.WatchSession(spb.WatchSessionRequest(environment="live", session_id=seed), timeout=TIMEOUT)
+            start = next(one).event.cursor
+            one.cancel()
+            on_a = Collector(ca, after_cursor=start)
+            on_b = Collector(cb, after_cursor=start)
             s1 = new_session(ca, flow_id).session.session_id
             s2 = new_session(cb, flow_id).session.session_id
             report(cb, s1, "document", "ok")
