@@ -80,3 +80,19 @@ def test_event_responses_carry_the_event_and_match_the_rpc_answer_whichever_conv
             assert _us(r.event.event_time) == convert.to_us(s.update_time)
             assert r.event.session.SerializeToString() == convert.session_pb(s).SerializeToString()
     assert convert.session_pb(first_answer) is answer_b  # kept, not rebuilt
+
+
+def test_kept_messages_are_bounded_by_count_and_by_bytes() -> None:
+    kept = convert.Kept(capacity=3, max_bytes=10_000)
+    small = [session_pb2.Session(session_id=f"s{i}") for i in range(5)]
+    for i, message in enumerate(small):
+        kept.keep(i, message)
+    assert len(kept) == 3 and kept.get(0) is None and kept.get(4) is small[4]  # the oldest went first
+    big = session_pb2.Session(state="x" * 6_000)
+    kept.keep("big1", big)
+    kept.keep("big2", big)  # 12 KB: the older big one and the small ones go
+    assert kept.get("big1") is None and kept.get("big2") is big and len(kept) == 1
+    assert kept.kept_bytes == big.ByteSize()
+    huge = session_pb2.Session(state="y" * 20_000)
+    kept.keep("huge", huge)  # over the budget alone: kept (it is being fanned out), the rest goes
+    assert len(kept) == 1 and kept.get("huge") is huge

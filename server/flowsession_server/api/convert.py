@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from collections import OrderedDict
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
@@ -132,13 +132,53 @@ def struct_to_dict(value: struct_pb2.Struct) -> dict[str, Any]:
     return json_format.MessageToDict(value)
 
 
+K = TypeVar("K")
+V = TypeVar("V")
+
+# What each cache of converted messages may hold: by count for the usual small sessions, by bytes for
+# inputs of up to 256 KiB (4,096 of those would be a gigabyte).
+KEPT_MESSAGES = 4096
+KEPT_BYTES = 32 * 1024 * 1024
+
+
+class Kept(Generic[K, V]):
+    """The most recently kept messages, at most ``capacity`` of them and ``max_bytes`` serialized."""
+
+    def __init__(self, capacity: int = KEPT_MESSAGES, max_bytes: int = KEPT_BYTES):
+        self._capacity = capacity
+        self._max_bytes = max_bytes
+        self._items: OrderedDict[K, tuple[V, int]] = OrderedDict()
+        self._bytes = 0
+
+    def get(self, key: K) -> V | None:
+        found = self._items.get(key)
+        return None if found is None else found[0]
+
+    def keep(self, key: K, message: V) -> None:
+        size = message.ByteSize()  # type: ignore[attr-defined]
+        earlier = self._items.pop(key, None)
+        if earlier is not None:
+            self._bytes -= earlier[1]
+        self._items[key] = (message, size)
+        self._bytes += size
+        while len(self._items) > self._capacity or (self._bytes > self._max_bytes and len(self._items) > 1):
+            _, (_, freed) = self._items.popitem(last=False)
+            self._bytes -= freed
+
+    @property
+    def kept_bytes(self) -> int:
+        return self._bytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
 class _Recent:
     """The protos of recently converted sessions. (session_id, version) names one immutable state, and a
     change is converted for its RPC answer and again for its watch event: keeping it converts it once."""
 
-    def __init__(self, capacity: int = 4096):
-        self._capacity = capacity
-        self._items: OrderedDict[tuple[str, int], session_pb2.Session] = OrderedDict()
+    def __init__(self) -> None:
+        self._items: Kept[tuple[str, int], session_pb2.Session] = Kept()
 
     def get(self, s: Session) -> session_pb2.Session:
         found = self._items.get((s.session_id, s.version))
@@ -159,9 +199,7 @@ class _Recent:
             self._keep(s, target)
 
     def _keep(self, s: Session, pb: session_pb2.Session) -> None:
-        self._items[(s.session_id, s.version)] = pb
-        if len(self._items) > self._capacity:
-            self._items.popitem(last=False)
+        self._items.keep((s.session_id, s.version), pb)
 
 
 _recent = _Recent()

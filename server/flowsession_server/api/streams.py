@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import random
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -57,10 +56,9 @@ class _Responses:
     """One response message per (event, stream kind), shared by every watcher it fans out to: with
     thousands of watchers, converting each event once instead of once per stream is most of the cost."""
 
-    def __init__(self, store: Store, capacity: int = 4096):
+    def __init__(self, store: Store):
         self._store = store
-        self._capacity = capacity
-        self._cache: OrderedDict[tuple[type, int], Any] = OrderedDict()
+        self._cache: convert.Kept[tuple[type, int], Any] = convert.Kept()
 
     def get(self, kind: type, event: SessionEvent) -> Any:
         key = (kind, event.cursor)
@@ -68,9 +66,7 @@ class _Responses:
         if response is None:
             assert self._store.keys is not None
             response = convert.event_response(kind, event, self._store.keys.epoch)
-            self._cache[key] = response
-            if len(self._cache) > self._capacity:
-                self._cache.popitem(last=False)
+            self._cache.keep(key, response)
         return response
 
 
