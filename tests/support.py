@@ -232,3 +232,15 @@ def first_events(client: Any, session_id: str, count: int, after_version: int = 
         return [next(stream).event for _ in range(count)]
     finally:
         stream.cancel()
+
+
+def current_cursor(client: Any, session_id: str, environment: str = "live") -> str:
+    """The cursor of the session's latest event: a WatchSessions resume point that misses nothing after it,
+    however late the stream opens."""
+    stream = client.sessions.WatchSession(
+        spb.WatchSessionRequest(environment=environment, session_id=session_id), timeout=TIMEOUT
+    )
+    try:
+        return next(stream).event.cursor
+    finally:
+        stream.cancel()

@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from flowsession.client import FlowsessionError, connect
+from flowsession.client import CursorExpiredError, FlowsessionError, connect
 from flowsession.v1 import session_pb2, session_service_pb2 as spb
 from flowsession_server.api import tokens
 from flowsession_server.domain.errors import Unavailable
@@ -22,6 +22,7 @@ from ..support import (
     TIMEOUT,
     ServerProcess,
     ServerThread,
+    current_cursor,
     expect_error,
     get,
     new_session,
@@ -239,3 +240,43 @@ def test_health_is_not_serving_once_the_expiry_scheduler_has_stopped(server, cli
         lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT).status
         == health_pb2.HealthCheckResponse.NOT_SERVING
     )
+
+
+def test_client_watch_sessions_resumes_across_a_restart_and_raises_on_a_foreign_cursor(tmp_path):
+    db = tmp_path / "flowsession.db"
+    first = ServerProcess(db)
+    address = first.address
+    got: queue.Queue = queue.Queue()
+    try:
+        with connect(address) as client:
+            flow_id = published_flow(client)
+            seed = new_session(client, flow_id).session.session_id
+
+            def consume() -> None:
+                try:
+                    for event in client.watch_sessions("live", after_cursor=current_cursor(client, seed)):
+                        got.put((event.session.session_id, event.version))
+                except Exception as exc:  # surfaced to the test thread
+                    got.put(exc)
+
+            threading.Thread(target=consume, daemon=True).start()
+            a = new_session(client, flow_id).session.session_id
+            assert got.get(timeout=TIMEOUT) == (a, 1)
+            assert first.terminate() == 0
+            first.close()
+            second = ServerProcess(db, address=address)
+            try:
+                # Committed while the watcher was away, and after it is back: each arrives once, in order.
+                b = new_session(client, flow_id).session.session_id
+                report(client, a, "document", "ok")
+                assert [got.get(timeout=TIMEOUT) for _ in range(2)] == [(b, 1), (a, 2)]
+                # A cursor of another database is a typed error, not a silent skip.
+                other = f"{'0' * 16}-{1:016x}"
+                with pytest.raises(CursorExpiredError) as info:
+                    next(client.watch_sessions("live", after_cursor=other, timeout=TIMEOUT))
+                assert info.value.oldest_cursor
+            finally:
+                second.terminate()
+                second.close()
+    finally:
+        first.close()

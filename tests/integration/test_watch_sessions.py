@@ -23,6 +23,7 @@ from ..support import (
     TIMEOUT,
     ServerProcess,
     ServerThread,
+    current_cursor,
     expect_error,
     new_session,
     published_flow,
@@ -312,14 +313,19 @@ def test_a_watcher_that_stops_reading_is_cut_off_and_holds_no_memory(tmp_path):
             assert healthy.events(1)[0].session.session_id == first
             writes = 0
             cut = None
+            most_pending = 0
             while cut is None and writes < 400:
                 new_session(client, flow_id, input=payload)
                 writes += 1
                 # The healthy watcher keeps up the whole time: the stalled one slows nobody.
                 assert healthy.events(1)[0].version == 1
+                most_pending = max(most_pending, server.call(_most_pending(server)))
                 if server.call(_watcher_count(server)) == 1:
                     cut = writes
             assert cut is not None, "the stalled watcher was never cut off"
+            # Memory stays bounded: the server never held more than the queue size for it (the rest
+            # waits in the transport's flow-control window, a fixed size too).
+            assert 0 < most_pending <= 20
             received = 1
             try:
                 for _ in stalled:
@@ -338,8 +344,34 @@ def test_a_watcher_that_stops_reading_is_cut_off_and_holds_no_memory(tmp_path):
         server.stop()
 
 
+def test_client_watch_sessions_rides_out_watcher_too_slow_without_gap_or_duplicate(tmp_path):
+    server = ServerThread(settings_for(tmp_path, watch_queue=20))
+    try:
+        with connect(server.address) as client:
+            flow_id = published_flow(client)
+            seed = new_session(client, flow_id).session.session_id
+            payload = struct_pb2.Struct()
+            payload.update({"blob": "x" * 60_000})
+            events = client.watch_sessions("live", after_cursor=current_cursor(client, seed), timeout=60)
+            created = [new_session(client, flow_id).session.session_id]
+            assert next(events).session.session_id == created[0]  # open and live; now it stops reading
+            while server.call(_watcher_count(server)) == 1 and len(created) < 400:
+                created.append(new_session(client, flow_id, input=payload).session.session_id)
+            assert server.call(_watcher_count(server)) == 0, "the stalled watcher was never cut off"
+            created.append(new_session(client, flow_id).session.session_id)  # committed while it is away
+            got = [next(events).session.session_id for _ in created[1:]]
+            assert got == created[1:]
+            events.close()
+    finally:
+        server.stop()
+
+
 async def _watcher_count(server):
     return server.server.hub.watcher_count
+
+
+async def _most_pending(server):
+    return max((w.pending for w in server.server.hub.watchers()), default=0)
 
 
 def test_too_many_watchers_is_refused_with_retry_info(tmp_path):
@@ -417,9 +449,7 @@ def test_two_processes_on_one_file_see_each_others_changes_and_expire_once(tmp_p
             flow_id = published_flow(ca, timeout_s=1)
             # Both watches resume after a known event, so none misses what follows however late it opens.
             seed = new_session(ca, published_flow(ca)).session.session_id
-            one = cb.sessions.WatchSession(spb.WatchSessionRequest(environment="live", session_id=seed), timeout=TIMEOUT)
-            start = next(one).event.cursor
-            one.cancel()
+            start = current_cursor(cb, seed)
             on_a = Collector(ca, after_cursor=start)
             on_b = Collector(cb, after_cursor=start)
             s1 = new_session(ca, flow_id).session.session_id

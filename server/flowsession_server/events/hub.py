@@ -40,6 +40,11 @@ class Watcher:
     def idle(self) -> bool:
         return not self._buffer
 
+    @property
+    def pending(self) -> int:
+        """Events buffered for the stream and not sent yet: never more than the queue size."""
+        return len(self._buffer)
+
     def offer(self, event: SessionEvent) -> None:
         if self._ended is not None or self.overflowed:
             return
@@ -108,6 +113,9 @@ class Hub:
     @property
     def watcher_count(self) -> int:
         return self._count
+
+    def watchers(self) -> list[Watcher]:
+        return [w for index in (self._by_session, self._by_environment) for ws in index.values() for w in ws]
 
     def watch_session(self, session_id: str) -> Watcher:
         return self._add(self._by_session, session_id, None, catching_up=False)
