@@ -17,6 +17,7 @@ from google.protobuf import struct_pb2
 
 from flowsession.client import FlowsessionError, connect
 from flowsession.v1 import session_pb2, session_service_pb2 as spb
+from flowsession_server.api import streams as streams_module
 from flowsession_server.clock import FakeClock, SystemClock
 
 from ..support import (
@@ -272,6 +273,37 @@ def test_live_events_that_overflow_while_catching_up_are_read_from_the_log(tmp_p
                 watch.close()
     finally:
         server.stop()
+
+
+def test_a_heartbeat_due_while_an_event_waits_claims_only_what_was_sent(server, client, monkeypatch):
+    # The race a timer cannot be trusted to produce: the heartbeat interval ends just as an event is
+    # buffered. The heartbeat must claim the last cursor sent, not the hub's newer high water.
+    calls = 0
+    original = streams_module.Streams._next
+
+    async def next_or_timeout(self, watcher):
+        nonlocal calls
+        if watcher.key == "live":  # the WatchSessions stream (a WatchSession watcher's key is its session)
+            calls += 1
+            if calls == 2:  # after the first event was sent: wait for the next, then say "idle"
+                while watcher.idle:
+                    await watcher.wait_pending()
+                return None
+        return await original(self, watcher)
+
+    monkeypatch.setattr(streams_module.Streams, "_next", next_or_timeout)
+    flow_id = published_flow(client)
+    seed = new_session(client, flow_id).session.session_id
+    watch = Collector(client, after_cursor=current_cursor(client, seed))
+    try:
+        new_session(client, flow_id)
+        (sent,) = watch.events(1)
+        new_session(client, flow_id)
+        beat, waiting = watch.take(2)
+        assert not beat.HasField("event") and waiting.HasField("event")
+        assert beat.heartbeat.cursor == sent.cursor < waiting.event.cursor
+    finally:
+        watch.close()
 
 
 def test_heartbeats_on_idle_streams(tmp_path):

@@ -86,6 +86,12 @@ class Watcher:
         overflowed, self.overflowed = self.overflowed, False
         return overflowed
 
+    async def wait_pending(self) -> None:
+        """Returns once an event is buffered (or the watch ended), without taking it."""
+        while not self._buffer and self._ended is None:
+            self._ready.clear()
+            await self._ready.wait()
+
     async def next(self) -> SessionEvent:
         while True:
             if self._ended is not None:
