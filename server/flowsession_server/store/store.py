@@ -190,9 +190,6 @@ class Store:
                 parts += [0, 0, 0]
         return tuple(parts)
 
-    async def pruned_through(self) -> int:
-        return await self._read(reads.pruned_through)
-
     async def oldest_position(self) -> LogPosition:
         return await self._read(reads.oldest_position)
 
