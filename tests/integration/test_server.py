@@ -1,6 +1,7 @@
 """The process: console entry, health, reflection, graceful SIGTERM, and watch resume across a restart."""
 from __future__ import annotations
 
+import asyncio
 import queue
 import sqlite3
 import threading
@@ -9,12 +10,13 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import jwt
 import pytest
+from google.protobuf import struct_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from flowsession.client import CursorExpiredError, FlowsessionError, connect
 from flowsession.v1 import session_pb2, session_service_pb2 as spb
-from flowsession_server.api import tokens
+from flowsession_server.api import streams as streams_module, tokens
 from flowsession_server.domain.errors import Unavailable
 from flowsession_server.store import reads
 
@@ -280,3 +282,38 @@ def test_client_watch_sessions_resumes_across_a_restart_and_raises_on_a_foreign_
                 second.close()
     finally:
         first.close()
+
+
+def test_shutdown_ends_a_stream_whose_first_write_is_still_in_flight(tmp_path, monkeypatch):
+    # SIGTERM's shutdown interrupts a stream's first write while it waits for the client to read (flow
+    # control). Once the client reads, it must hear SHUTTING_DOWN and the stop must end: the error status
+    # used to repeat the write's headers, grpc refused it, and the call hung until the grace ran out.
+    writing = threading.Event()
+    original = streams_module._Sender.send
+
+    async def send(self, message):
+        writing.set()
+        await original(self, message)
+
+    monkeypatch.setattr(streams_module._Sender, "send", send)
+    server = ServerThread(settings_for(tmp_path))
+    try:
+        with connect(server.address) as client:
+            flow_id = published_flow(client)
+            big = struct_pb2.Struct()
+            big.update({"blob": "x" * 250_000})
+            sid = new_session(client, flow_id, input=big).session.session_id
+        # A connection that takes in little until it is read from, so the first write waits.
+        small_window = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
+        with connect(server.address, options=small_window) as watcher:
+            stream = watcher.sessions.WatchSession(spb.WatchSessionRequest(environment="live", session_id=sid), timeout=60)
+            assert writing.wait(TIMEOUT)
+            stopping = asyncio.run_coroutine_threadsafe(server.server.stop(60), server.loop)
+            assert next(stream).event.session.session_id == sid  # the write in flight arrives
+            with pytest.raises(grpc.RpcError) as info:
+                next(stream)
+            err = FlowsessionError.from_rpc_error(info.value)
+            assert (err.code, err.reason) == (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN"), err
+            stopping.result(TIMEOUT)  # not the 60 s grace
+    finally:
+        server.stop()

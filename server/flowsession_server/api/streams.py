@@ -22,6 +22,9 @@ from ..store.store import Store
 from . import convert
 
 
+MAX_CURSOR = 2**63 - 1  # SQLite's largest integer
+
+
 @dataclass(frozen=True)
 class WatchSettings:
     heartbeat: float  # seconds of idleness before a heartbeat
@@ -98,8 +101,13 @@ class Streams:
         body: Callable[[_Sender], Awaitable[None]],
         position: Callable[[], dict[str, str]],
     ) -> None:
+        # The headers go out on their own, first. grpc.aio counts them sent only once the write carrying
+        # them completes, so after interrupting a stream's first write the error status would carry them
+        # again, grpc core refuses that batch (TOO_MANY_OPERATIONS), and the call stays open until the
+        # shutdown grace runs out, without the client hearing why.
         sender = _Sender(context, watcher)
         try:
+            await context.send_initial_metadata(())
             await body(sender)
         except asyncio.CancelledError:
             if not sender.interrupted:
@@ -265,7 +273,8 @@ class Streams:
         if parsed is None:
             raise InvalidArgument.of([FieldViolation("after_cursor", "is not a cursor this service issued")])
         epoch, wanted, tagged = parsed
-        oldest, head, found = await self._store.log_bounds(wanted.cursor)
+        # 16 hex digits reach past SQLite's integers; such a cursor is simply ahead of the log.
+        oldest, head, found = await self._store.log_bounds(min(wanted.cursor, MAX_CURSOR))
         if epoch != self._epoch:
             raise self._expired("the cursor belongs to another database", oldest)
         if wanted.cursor < oldest.cursor:
