@@ -67,9 +67,9 @@ def nested_input(depth: int) -> struct_pb2.Struct:
 
 def test_input_nested_20_deep_is_stored_and_every_read_of_it_parses(client):
     flow_id = published_flow(client)
-    watch = client.sessions.WatchSessions(spb.WatchSessionsRequest(environment="live"), timeout=TIMEOUT)
     created = new_session(client, flow_id, input=nested_input(20)).session
     assert created.input == nested_input(20)
+    watch = client.sessions.WatchSessions(spb.WatchSessionsRequest(environment="live", include_current=True), timeout=TIMEOUT)
     got = client.sessions.GetSession(spb.GetSessionRequest(environment="live", session_id=created.session_id), timeout=TIMEOUT)
     assert got.session.input == created.input
     assert session_ids(client) == [created.session_id]

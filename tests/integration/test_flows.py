@@ -448,7 +448,8 @@ def test_create_flow_version_accepts_200_steps(client):
 def test_create_flow_version_refuses_an_unknown_outcome_value(client):
     flow = create_flow(client)
     steps = [_s("a", routes={"ok": "b"}), _s("b", "end", outcome=7)]
-    fails(client.flows.CreateFlowVersion, version_request(flow.flow_id, steps=steps, start="a"), INVALID, fields=("steps[1].outcome",))
+    err = fails(client.flows.CreateFlowVersion, version_request(flow.flow_id, steps=steps, start="a"), INVALID, "INVALID_FLOW_GRAPH")
+    assert [field for field, _ in err.field_violations] == ["steps[1].outcome"]  # not also "needs a route"
     assert get_flow(client, flow.flow_id).latest_version == 0
 
 

@@ -81,7 +81,7 @@ class Collector:
         self.stream.cancel()
 
 
-def test_from_now_streams_matching_events_in_commit_order(client):
+def test_from_now_streams_matching_events_in_commit_order(server, client):
     flow_a = published_flow(client)
     flow_b = published_flow(client)
     before = new_session(client, flow_a).session.session_id  # created before the watch: not replayed
@@ -89,7 +89,7 @@ def test_from_now_streams_matching_events_in_commit_order(client):
     only_b = Collector(client, flow_id=flow_b)
     completed = Collector(client, statuses=[ST.SESSION_STATUS_COMPLETED])
     try:
-        # Once a first event arrives the watches are surely live; then the real sequence follows.
+        wait_until(lambda: server.call(_watcher_count(server)) == 3)  # "now" has begun for all three
         report(client, before, "document", "ok")
         assert everything.events(1)[0].session.session_id == before
         a = new_session(client, flow_a).session.session_id
@@ -134,13 +134,11 @@ def test_include_current_sends_each_running_session_first(client):
 
 def test_resume_after_a_cursor_has_no_gap_and_no_duplicate(client):
     flow_id = published_flow(client)
-    watch = Collector(client)
     sid = new_session(client, flow_id).session.session_id
-    first = watch.events(1)[0]
-    watch.close()
+    first = current_cursor(client, sid)
     report(client, sid, "document", "ok")
     report(client, sid, "liveness", "retry")
-    resumed = Collector(client, after_cursor=first.cursor)
+    resumed = Collector(client, after_cursor=first)
     try:
         assert [e.version for e in resumed.events(2)] == [2, 3]
         report(client, sid, "liveness", "ok")
@@ -159,6 +157,10 @@ def test_cursor_errors(client):
         grpc.StatusCode.OUT_OF_RANGE, "CURSOR_EXPIRED",
     )
     assert err.metadata["oldest_cursor"]
+    # Positions past SQLite's integers are ahead of the log, not an INTERNAL error.
+    epoch = err.metadata["oldest_cursor"].split("-")[0]
+    for huge in (f"{epoch}-ffffffffffffffff", f"{epoch}-8000000000000000-00000000", f"{'0' * 16}-ffffffffffffffff"):
+        expect_error(watch, spb.WatchSessionsRequest(environment="live", after_cursor=huge), grpc.StatusCode.OUT_OF_RANGE, "CURSOR_EXPIRED")
     expect_error(watch, spb.WatchSessionsRequest(environment="nowhere"), grpc.StatusCode.INVALID_ARGUMENT, fields=("environment",))
     expect_error(watch, spb.WatchSessionsRequest(environment="live", statuses=[42]), grpc.StatusCode.INVALID_ARGUMENT, prefix_fields=("statuses",))
 
@@ -166,10 +168,8 @@ def test_cursor_errors(client):
 def test_every_event_arrives_once_per_watcher_under_concurrent_writers_and_random_resumes(server, client):
     flow_id = published_flow(client)
     rng = random.Random(7)
-    start = Collector(client)
     seed = new_session(client, flow_id).session.session_id
-    origin = start.events(1)[0]
-    start.close()
+    origin = current_cursor(client, seed)
     stop = threading.Event()
 
     def writer() -> None:
@@ -182,7 +182,7 @@ def test_every_event_arrives_once_per_watcher_under_concurrent_writers_and_rando
 
     def watcher(seed_value: int) -> list:
         local = random.Random(seed_value)
-        seen, cursor = [], origin.cursor
+        seen, cursor = [], origin
         while len(seen) < 120:
             stream = client.sessions.WatchSessions(
                 spb.WatchSessionsRequest(environment="live", after_cursor=cursor), timeout=TIMEOUT
@@ -248,12 +248,10 @@ def test_live_events_that_overflow_while_catching_up_are_read_from_the_log(tmp_p
         with connect(server.address) as client:
             flow_id = published_flow(client)
             running = [new_session(client, flow_id).session for _ in range(3)]
-            first = client.sessions.WatchSessions(spb.WatchSessionsRequest(environment="live", after_cursor=""), timeout=TIMEOUT)
             report(client, running[0].session_id, "document", "ok")
-            origin = next(r.event for r in first if r.HasField("event"))
-            first.cancel()
+            origin = current_cursor(client, running[0].session_id)
             gate = Gate(server, "current_events" if mode == "include_current" else "environment_events")
-            request = {"include_current": True} if mode == "include_current" else {"after_cursor": origin.cursor}
+            request = {"include_current": True} if mode == "include_current" else {"after_cursor": origin}
             watch = Collector(client, **request)
             try:
                 assert gate.entered.wait(TIMEOUT)
@@ -277,18 +275,17 @@ def test_live_events_that_overflow_while_catching_up_are_read_from_the_log(tmp_p
 
 def test_a_heartbeat_due_while_an_event_waits_claims_only_what_was_sent(server, client, monkeypatch):
     # The race a timer cannot be trusted to produce: the heartbeat interval ends just as an event is
-    # buffered. The heartbeat must claim the last cursor sent, not the hub's newer high water.
-    calls = 0
+    # buffered. The heartbeat must claim the last cursor sent, not the hub's newer high water (the stream
+    # would then skip the buffered event as already covered).
+    race = threading.Event()
     original = streams_module.Streams._next
 
     async def next_or_timeout(self, watcher):
-        nonlocal calls
-        if watcher.key == "live":  # the WatchSessions stream (a WatchSession watcher's key is its session)
-            calls += 1
-            if calls == 2:  # after the first event was sent: wait for the next, then say "idle"
-                while watcher.idle:
-                    await watcher.wait_pending()
-                return None
+        if watcher.key == "live" and race.is_set():  # the WatchSessions stream's next wait, once
+            race.clear()
+            while watcher.idle:  # wait for an event, then answer "idle for the whole interval"
+                await watcher.wait_pending()
+            return None
         return await original(self, watcher)
 
     monkeypatch.setattr(streams_module.Streams, "_next", next_or_timeout)
@@ -297,11 +294,18 @@ def test_a_heartbeat_due_while_an_event_waits_claims_only_what_was_sent(server, 
     watch = Collector(client, after_cursor=current_cursor(client, seed))
     try:
         new_session(client, flow_id)
-        (sent,) = watch.events(1)
+        (a,) = watch.events(1)
+        # The stream may be in its next wait already (then B ends it, and C meets the race) or not yet
+        # (then B meets the race): either way one heartbeat comes among B and C.
+        race.set()
         new_session(client, flow_id)
-        beat, waiting = watch.take(2)
-        assert not beat.HasField("event") and waiting.HasField("event")
-        assert beat.heartbeat.cursor == sent.cursor < waiting.event.cursor
+        new_session(client, flow_id)
+        events, beats = watch.events_and_heartbeats(2)
+        assert len(beats) == 1, beats
+        ((before, cursor),) = beats
+        received = [a, *events]
+        assert cursor == received[before].cursor  # the last event sent before it, nothing newer
+        assert all(e.cursor > cursor for e in events[before:]), (cursor, [e.cursor for e in events])
     finally:
         watch.close()
 
@@ -312,7 +316,7 @@ def test_heartbeats_on_idle_streams(tmp_path):
         with connect(server.address) as client:
             flow_id = published_flow(client)
             sid = new_session(client, flow_id).session.session_id
-            many = Collector(client)
+            many = Collector(client, after_cursor=current_cursor(client, sid))
             report(client, sid, "document", "ok")
             event = many.events(1)[0]
             beat = many.take(1)[0]
@@ -437,10 +441,8 @@ def test_retention_prunes_old_history_and_old_cursors_expire(tmp_path):
     try:
         with connect(server.address) as client:
             flow_id = published_flow(client, timeout_s=30 * 86400)
-            watch = Collector(client)
             done = new_session(client, flow_id).session.session_id
-            epoch = watch.events(1)[0].cursor.split("-")[0]
-            watch.close()
+            epoch = current_cursor(client, done).split("-")[0]
             report(client, done, "document", "bad")  # terminal
             running = new_session(client, flow_id).session.session_id
             report(client, running, "document", "ok")
@@ -511,12 +513,10 @@ def test_watch_sessions_resumes_across_a_restart(tmp_path):
     try:
         with connect(first.address) as client:
             flow_id = published_flow(client)
-            watch = Collector(client)
             sid = new_session(client, flow_id).session.session_id
-            cursor = watch.events(1)[0].cursor
+            cursor = current_cursor(client, sid)
             report(client, sid, "document", "ok")
-            head = watch.events(1)[0].cursor
-            watch.close()
+            head = current_cursor(client, sid)
     finally:
         first.terminate()
         first.close()
@@ -551,13 +551,11 @@ def test_a_cursor_from_before_a_restore_is_refused_once_the_restored_log_passes_
     try:
         with connect(server.address) as client:
             flow_id = published_flow(client)
-            watch = Collector(client)
             kept = new_session(client, flow_id).session.session_id
-            in_backup = watch.events(1)[0].cursor
+            in_backup = current_cursor(client, kept)
             _backup(db, tmp_path / "backup.db")
             lost = [new_session(client, flow_id).session.session_id for _ in range(3)]
-            seen_before_restore = watch.events(3)[-1].cursor  # a client stored this one
-            watch.close()
+            seen_before_restore = current_cursor(client, lost[-1])  # a client stored this one
     finally:
         server.stop()
     for suffix in ("", "-wal", "-shm"):
@@ -590,10 +588,8 @@ def test_a_cursor_from_before_a_restore_is_refused_once_the_restored_log_passes_
 def test_cursors_issued_without_a_tag_still_resume(client):
     # Cursors issued before tags ("<epoch>-<16 hex>") name no event to check, and must keep working.
     flow_id = published_flow(client)
-    watch = Collector(client)
     sid = new_session(client, flow_id).session.session_id
-    tagged = watch.events(1)[0].cursor
-    watch.close()
+    tagged = current_cursor(client, sid)
     epoch, position, tag = tagged.split("-")
     assert len(tag) == 8
     report(client, sid, "document", "ok")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+from google.rpc import error_details_pb2, status_pb2
 from flowsession_server.api import errors
 from flowsession_server.domain.errors import FieldViolation, InvalidArgument, NotFound
 
@@ -30,3 +31,7 @@ def test_status_keeps_every_detail_of_an_ordinary_error():
     error = NotFound("session s not found", reason="SESSION_NOT_FOUND", metadata={"session_id": "s"})
     status = errors.status_for(error)
     assert status.details == "session s not found"
+    (packed,) = status_pb2.Status.FromString(dict(status.trailing_metadata)["grpc-status-details-bin"]).details
+    info = error_details_pb2.ErrorInfo()
+    assert packed.Unpack(info)
+    assert (info.reason, info.domain, dict(info.metadata)) == ("SESSION_NOT_FOUND", "flowsession", {"session_id": "s"})

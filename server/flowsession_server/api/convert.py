@@ -135,10 +135,11 @@ def struct_to_dict(value: struct_pb2.Struct) -> dict[str, Any]:
 K = TypeVar("K")
 V = TypeVar("V")
 
-# What each cache of converted messages may hold: by count for the usual small sessions, by bytes for
-# inputs of up to 256 KiB (4,096 of those would be a gigabyte).
+# What each cache of converted messages may hold: by count for the usual small sessions, by serialized
+# bytes for inputs of up to 256 KiB (4,096 of those would be a gigabyte). In memory a message full of
+# Struct values takes up to ~6x its serialized size, so 8 MiB here is about 50 MB at worst.
 KEPT_MESSAGES = 4096
-KEPT_BYTES = 32 * 1024 * 1024
+KEPT_BYTES = 8 * 1024 * 1024
 
 
 class Kept(Generic[K, V]):

@@ -1,6 +1,7 @@
 """FlowService: thin servicers that parse, call one store operation and convert."""
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 
 import grpc
@@ -9,7 +10,7 @@ from flowsession.v1 import flow_service_pb2 as pb, flow_service_pb2_grpc
 
 from ..domain import flowgraph, limits, paging, validation
 from ..domain.errors import Violations
-from ..domain.model import FlowGraph
+from ..domain.model import FlowGraph, SessionOutcome
 from ..store.codec import to_us
 from ..store.store import Store
 from . import convert, errors
@@ -20,12 +21,18 @@ def _definition(
 ) -> tuple[FlowGraph, timedelta]:
     """The version's graph and timeout. Raises every violation at once, the request's fields' (in ``v``)
     and the graph's, with reason INVALID_FLOW_GRAPH when the graph has any."""
+    unknown = set()
     for i, step in enumerate(request.steps):
         if convert.outcome_from_pb(step.outcome) is None:
             v.add(f"steps[{i}].outcome", f"unknown outcome value {step.outcome}")
+            unknown.add(i)
     graph = convert.graph_from_pb(request.start_step_id, request.steps)
     timeout = convert.execution_timeout(v, request)  # the default if refused: no second violation below
-    flowgraph.check(v, graph, timeout)
+    # A step with an unknown outcome was meant as an end step: checked as one, its only fault is that.
+    checked = replace(
+        graph, steps=tuple(replace(s, outcome=SessionOutcome.ACCEPTED) if i in unknown else s for i, s in enumerate(graph.steps))
+    )
+    flowgraph.check(v, checked, timeout)
     in_graph = any(item.field.startswith(("steps", "start_step_id")) for item in v.items)
     v.raise_if_any(reason="INVALID_FLOW_GRAPH" if in_graph else None)
     return graph, timeout

@@ -195,7 +195,8 @@ def log_bounds(conn: sqlite3.Connection, cursor: int) -> tuple[LogPosition, LogP
         row = conn.execute("SELECT cursor, session_id, version, event_us FROM events WHERE cursor = ?", [cursor]).fetchone()
         return oldest_position(conn), head(conn), None if row is None else _position(row)
     finally:
-        conn.execute("COMMIT")
+        if conn.in_transaction:  # SQLite may have rolled back already after an I/O error
+            conn.execute("ROLLBACK")
 
 
 def _position(row: Any) -> LogPosition:
