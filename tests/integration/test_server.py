@@ -317,3 +317,37 @@ def test_shutdown_ends_a_stream_whose_first_write_is_still_in_flight(tmp_path, m
             stopping.result(TIMEOUT)  # not the 60 s grace
     finally:
         server.stop()
+
+
+def test_shutdown_while_sending_the_current_sessions_claims_only_what_was_sent(tmp_path, monkeypatch):
+    # include_current's sessions are older than the stream's "now": a shutdown in their midst must not
+    # name "now" as the place to resume, or a client resuming from it would never get the rest.
+    writing = threading.Event()
+    original = streams_module._Sender.send
+
+    async def send(self, message):
+        writing.set()
+        await original(self, message)
+
+    monkeypatch.setattr(streams_module._Sender, "send", send)
+    server = ServerThread(settings_for(tmp_path))
+    try:
+        with connect(server.address) as client:
+            flow_id = published_flow(client)
+            big = struct_pb2.Struct()
+            big.update({"blob": "x" * 250_000})
+            running = [new_session(client, flow_id, input=big).session.session_id for _ in range(3)]
+        small_window = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
+        with connect(server.address, options=small_window) as watcher:
+            stream = watcher.sessions.WatchSessions(spb.WatchSessionsRequest(environment="live", include_current=True), timeout=30)
+            assert writing.wait(TIMEOUT)  # the first session's event waits for the client to read
+            stopping = asyncio.run_coroutine_threadsafe(server.server.stop(60), server.loop)
+            assert next(stream).event.session.session_id == running[0]
+            with pytest.raises(grpc.RpcError) as info:
+                next(stream)
+            err = FlowsessionError.from_rpc_error(info.value)
+            assert err.reason == "SHUTTING_DOWN"
+            assert "last_cursor" not in err.metadata  # not one of them had been handed over
+            stopping.result(TIMEOUT)
+    finally:
+        server.stop()

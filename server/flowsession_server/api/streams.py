@@ -25,6 +25,13 @@ from . import convert
 MAX_CURSOR = 2**63 - 1  # SQLite's largest integer
 
 
+@dataclass
+class _Current:
+    """How far a WatchSessions stream got in sending include_current's sessions."""
+
+    sent: LogPosition | None = None
+
+
 @dataclass(frozen=True)
 class WatchSettings:
     heartbeat: float  # seconds of idleness before a heartbeat
@@ -209,6 +216,7 @@ class Streams:
         watcher = self._hub.watch_environment(request.environment, match, catching_up=True)
         # From now: everything the hub publishes after this point reaches the watcher.
         last = self._hub.high_water
+        current: _Current | None = None  # while include_current's sessions are being sent
 
         async def send(event: SessionEvent, sender: _Sender) -> None:
             nonlocal last
@@ -234,23 +242,26 @@ class Streams:
                     return
 
         async def body(sender: _Sender) -> None:
-            nonlocal last
+            nonlocal last, current
             self._admit()
             try:
                 if request.after_cursor:
                     last = await self._resume_point(request.after_cursor)
                     await replay(sender)
                 elif request.include_current and (not statuses or SessionStatus.RUNNING in statuses):
-                    up_to, position = last.cursor, 0
+                    up_to, after = last.cursor, 0
+                    current = _Current()
                     while True:
                         page = await self._store.current_events(
-                            request.environment, request.flow_id, position, up_to, EVENT_PAGE
+                            request.environment, request.flow_id, after, up_to, EVENT_PAGE
                         )
                         for event in page:
                             await sender.send(self._responses.get(pb.WatchSessionsResponse, event))
+                            current.sent = event.position
                         if len(page) < EVENT_PAGE:
                             break
-                        position = page[-1].cursor
+                        after = page[-1].cursor
+                    current = None
                     if watcher.take_overflow():  # live events that overflowed meanwhile are in the log
                         await replay(sender)
             finally:
@@ -266,7 +277,13 @@ class Streams:
                 elif live.cursor > last.cursor:
                     await send(live, sender)
 
-        await self._run(context, watcher, body, lambda: {"last_cursor": convert.cursor_token(self._epoch, last)})
+        def position() -> dict[str, str]:
+            # While the current sessions are sent, only the part sent is covered: resuming after the
+            # last of them replays the log from there (the rest have later cursors); none sent, none.
+            at = last if current is None else current.sent
+            return {} if at is None else {"last_cursor": convert.cursor_token(self._epoch, at)}
+
+        await self._run(context, watcher, body, position)
 
     async def _resume_point(self, token: str) -> LogPosition:
         parsed = convert.parse_cursor(token)
