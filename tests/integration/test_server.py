@@ -284,70 +284,64 @@ def test_client_watch_sessions_resumes_across_a_restart_and_raises_on_a_foreign_
         first.close()
 
 
-def test_shutdown_ends_a_stream_whose_first_write_is_still_in_flight(tmp_path, monkeypatch):
+# A connection that takes in little until it is read from, so a large first write waits for the reader.
+SMALL_WINDOW = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
+
+
+@pytest.fixture
+def held_write(tmp_path, monkeypatch):
+    """A server with 3 sessions of 250 KB inputs; yields (server, session ids, an Event set as soon as a
+    watch stream starts a write). The test stops the server itself."""
+    writing = threading.Event()
+    original = streams_module._Sender.send
+
+    async def send(self, message):
+        writing.set()
+        await original(self, message)
+
+    monkeypatch.setattr(streams_module._Sender, "send", send)
+    server = ServerThread(settings_for(tmp_path))
+    try:
+        with connect(server.address) as client:
+            flow_id = published_flow(client)
+            big = struct_pb2.Struct()
+            big.update({"blob": "x" * 250_000})
+            ids = [new_session(client, flow_id, input=big).session.session_id for _ in range(3)]
+        yield server, ids, writing
+    finally:
+        server.stop()
+
+
+def _shut_down_after_the_write_in_flight(server, stream, writing, session_id: str) -> FlowsessionError:
+    """Starts the shutdown while the stream's first write waits, reads that write, and returns the error
+    the stream then ends with, once the stop has ended (within TIMEOUT, not the 60 s grace)."""
+    assert writing.wait(TIMEOUT)
+    stopping = asyncio.run_coroutine_threadsafe(server.server.stop(60), server.loop)
+    assert next(stream).event.session.session_id == session_id  # the write in flight arrives
+    with pytest.raises(grpc.RpcError) as info:
+        next(stream)
+    stopping.result(TIMEOUT)
+    return FlowsessionError.from_rpc_error(info.value)
+
+
+def test_shutdown_ends_a_stream_whose_first_write_is_still_in_flight(held_write):
     # SIGTERM's shutdown interrupts a stream's first write while it waits for the client to read (flow
     # control). Once the client reads, it must hear SHUTTING_DOWN and the stop must end: the error status
     # used to repeat the write's headers, grpc refused it, and the call hung until the grace ran out.
-    writing = threading.Event()
-    original = streams_module._Sender.send
-
-    async def send(self, message):
-        writing.set()
-        await original(self, message)
-
-    monkeypatch.setattr(streams_module._Sender, "send", send)
-    server = ServerThread(settings_for(tmp_path))
-    try:
-        with connect(server.address) as client:
-            flow_id = published_flow(client)
-            big = struct_pb2.Struct()
-            big.update({"blob": "x" * 250_000})
-            sid = new_session(client, flow_id, input=big).session.session_id
-        # A connection that takes in little until it is read from, so the first write waits.
-        small_window = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
-        with connect(server.address, options=small_window) as watcher:
-            stream = watcher.sessions.WatchSession(spb.WatchSessionRequest(environment="live", session_id=sid), timeout=60)
-            assert writing.wait(TIMEOUT)
-            stopping = asyncio.run_coroutine_threadsafe(server.server.stop(60), server.loop)
-            assert next(stream).event.session.session_id == sid  # the write in flight arrives
-            with pytest.raises(grpc.RpcError) as info:
-                next(stream)
-            err = FlowsessionError.from_rpc_error(info.value)
-            assert (err.code, err.reason) == (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN"), err
-            stopping.result(TIMEOUT)  # not the 60 s grace
-    finally:
-        server.stop()
+    server, (sid, *_), writing = held_write
+    with connect(server.address, options=SMALL_WINDOW) as watcher:
+        stream = watcher.sessions.WatchSession(spb.WatchSessionRequest(environment="live", session_id=sid), timeout=30)
+        err = _shut_down_after_the_write_in_flight(server, stream, writing, sid)
+    assert (err.code, err.reason) == (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN"), err
 
 
-def test_shutdown_while_sending_the_current_sessions_claims_only_what_was_sent(tmp_path, monkeypatch):
+def test_shutdown_while_sending_the_current_sessions_claims_only_what_was_sent(held_write):
     # include_current's sessions are older than the stream's "now": a shutdown in their midst must not
     # name "now" as the place to resume, or a client resuming from it would never get the rest.
-    writing = threading.Event()
-    original = streams_module._Sender.send
-
-    async def send(self, message):
-        writing.set()
-        await original(self, message)
-
-    monkeypatch.setattr(streams_module._Sender, "send", send)
-    server = ServerThread(settings_for(tmp_path))
-    try:
-        with connect(server.address) as client:
-            flow_id = published_flow(client)
-            big = struct_pb2.Struct()
-            big.update({"blob": "x" * 250_000})
-            running = [new_session(client, flow_id, input=big).session.session_id for _ in range(3)]
-        small_window = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024)]
-        with connect(server.address, options=small_window) as watcher:
-            stream = watcher.sessions.WatchSessions(spb.WatchSessionsRequest(environment="live", include_current=True), timeout=30)
-            assert writing.wait(TIMEOUT)  # the first session's event waits for the client to read
-            stopping = asyncio.run_coroutine_threadsafe(server.server.stop(60), server.loop)
-            assert next(stream).event.session.session_id == running[0]
-            with pytest.raises(grpc.RpcError) as info:
-                next(stream)
-            err = FlowsessionError.from_rpc_error(info.value)
-            assert err.reason == "SHUTTING_DOWN"
-            assert "last_cursor" not in err.metadata  # not one of them had been handed over
-            stopping.result(TIMEOUT)
-    finally:
-        server.stop()
+    server, running, writing = held_write
+    with connect(server.address, options=SMALL_WINDOW) as watcher:
+        request = spb.WatchSessionsRequest(environment="live", include_current=True)
+        stream = watcher.sessions.WatchSessions(request, timeout=30)
+        err = _shut_down_after_the_write_in_flight(server, stream, writing, running[0])
+    assert err.reason == "SHUTTING_DOWN"
+    assert "last_cursor" not in err.metadata  # not one of them had been handed over
