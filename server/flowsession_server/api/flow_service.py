@@ -11,7 +11,6 @@ from flowsession.v1 import flow_service_pb2 as pb, flow_service_pb2_grpc
 from ..domain import flowgraph, limits, paging, validation
 from ..domain.errors import Violations
 from ..domain.model import FlowGraph, SessionOutcome
-from ..store.codec import to_us
 from ..store.store import Store
 from . import convert, errors
 
@@ -67,7 +66,7 @@ class FlowService(flow_service_pb2_grpc.FlowServiceServicer):
         key = self._store.keys.page_key
         after = paging.decode(key, ["flows"], request.page_token)
         flows, token = paging.cut(
-            key, ["flows"], await self._store.list_flows(after, size + 1), size, lambda f: [to_us(f.create_time), f.flow_id]
+            key, ["flows"], await self._store.list_flows(after, size + 1), size, self._store.flow_position
         )
         return pb.ListFlowsResponse(flows=[convert.flow_pb(f) for f in flows], next_page_token=token)
 

@@ -9,7 +9,6 @@ from flowsession.v1 import session_service_pb2 as pb, session_service_pb2_grpc
 from ..domain import lifecycle, limits, paging, validation
 from ..domain.errors import Violations
 from ..domain.model import SessionStatus
-from ..store.codec import to_us
 from ..store.commands import IdempotencyKey, NewSession
 from ..store.store import Store, new_id
 from . import convert, errors, tokens
@@ -119,7 +118,7 @@ class SessionService(session_service_pb2_grpc.SessionServiceServicer):
             query,
             await self._store.list_sessions(request.environment, request.flow_id, statuses, after, size + 1),
             size,
-            lambda s: [to_us(s.create_time), s.session_id],
+            self._store.session_position,
         )
         return pb.ListSessionsResponse(sessions=[convert.session_pb(s) for s in found], next_page_token=token)
 

@@ -88,7 +88,13 @@ class Store:
         return flow
 
     async def list_flows(self, after: list[Any] | None, limit: int) -> list[Flow]:
+        """Newest first, from just past ``after`` (a ``flow_position``)."""
         return await self._read(reads.list_flows, after, limit)
+
+    @staticmethod
+    def flow_position(flow: Flow) -> list[Any]:
+        """Where ``flow`` stands in list_flows: the ``after`` that goes on past it."""
+        return [codec.to_us(flow.create_time), flow.flow_id]
 
     async def create_flow_version(self, flow_id: str, graph: FlowGraph, timeout: timedelta) -> FlowVersion:
         return await self._write(commands.create_flow_version, flow_id, graph, timeout)
@@ -138,6 +144,7 @@ class Store:
     async def list_sessions(
         self, environment: str, flow_id: str, statuses: Iterable[SessionStatus], after: list[Any] | None, limit: int
     ) -> list[Session]:
+        """Newest first, from just past ``after`` (a ``session_position``)."""
         statuses = tuple(statuses)
         found = await self._read(reads.list_sessions, environment, flow_id, statuses, after, limit)
         now = self._clock.now()
@@ -145,6 +152,11 @@ class Store:
             await self.expire_due(limit=10_000)
             found = await self._read(reads.list_sessions, environment, flow_id, statuses, after, limit)
         return found
+
+    @staticmethod
+    def session_position(session: Session) -> list[Any]:
+        """Where ``session`` stands in list_sessions: the ``after`` that goes on past it."""
+        return [codec.to_us(session.create_time), session.session_id]
 
     async def events_after(self, session_id: str, after_version: int) -> list[SessionEvent]:
         return await self._read(reads.events_after, session_id, after_version)
