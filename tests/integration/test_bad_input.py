@@ -11,7 +11,7 @@ from flowsession.v1 import flow_service_pb2 as fpb
 from flowsession.v1 import session_service_pb2 as spb
 from google.protobuf import struct_pb2
 
-from ..support import TIMEOUT, expect_error, new_session, published_flow, step
+from ..support import TIMEOUT, expect_error, new_session, published_flow, report, step
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 SERVICES = [fpb.DESCRIPTOR.services_by_name["FlowService"], spb.DESCRIPTOR.services_by_name["SessionService"]]
@@ -69,28 +69,21 @@ def test_input_nested_20_deep_is_stored_and_every_read_of_it_parses(client):
     flow_id = published_flow(client)
     created = new_session(client, flow_id, input=nested_input(20)).session
     assert created.input == nested_input(20)
-    watch = client.sessions.WatchSessions(spb.WatchSessionsRequest(environment="live", include_current=True), timeout=TIMEOUT)
     got = client.sessions.GetSession(spb.GetSessionRequest(environment="live", session_id=created.session_id), timeout=TIMEOUT)
     assert got.session.input == created.input
     assert session_ids(client) == [created.session_id]
-    (event,) = [r.event for r in _first(watch, 1)]
-    assert event.session.input == created.input
-    stream = client.sessions.WatchSession(
-        spb.WatchSessionRequest(environment="live", session_id=created.session_id), timeout=TIMEOUT
-    )
-    assert next(stream).event.session.input == created.input
-    stream.cancel()
+    many = client.sessions.WatchSessions(spb.WatchSessionsRequest(environment="live", include_current=True), timeout=TIMEOUT)
+    one = client.sessions.WatchSession(spb.WatchSessionRequest(environment="live", session_id=created.session_id), timeout=TIMEOUT)
+    assert _next_event(many).session.input == created.input  # the current state, from the store
+    assert _next_event(one).session.input == created.input
+    report(client, created.session_id, "document", "ok")  # a live event, through the hub
+    assert _next_event(many).session.input == _next_event(one).session.input == created.input
+    many.cancel()
+    one.cancel()
 
 
-def _first(stream, count: int) -> list:
-    found = []
-    for response in stream:
-        if response.HasField("event"):
-            found.append(response)
-            if len(found) == count:
-                break
-    stream.cancel()
-    return found
+def _next_event(stream):
+    return next(r.event for r in stream if r.HasField("event"))
 
 
 def test_input_nested_21_deep_is_refused_and_not_stored(client):

@@ -290,13 +290,13 @@ SMALL_WINDOW = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024
 
 @pytest.fixture
 def held_write(tmp_path, monkeypatch):
-    """A server with 3 sessions of 250 KB inputs; yields (server, session ids, an Event set as soon as a
-    watch stream starts a write). The test stops the server itself."""
-    writing = threading.Event()
+    """A server with 3 sessions of 250 KB inputs; yields (server, session ids, a queue that gets an item
+    as each watch-stream write starts). The test stops the server itself."""
+    started: queue.Queue = queue.Queue()
     original = streams_module._Sender.send
 
     async def send(self, message):
-        writing.set()
+        started.put(message)
         await original(self, message)
 
     monkeypatch.setattr(streams_module._Sender, "send", send)
@@ -307,15 +307,15 @@ def held_write(tmp_path, monkeypatch):
             big = struct_pb2.Struct()
             big.update({"blob": "x" * 250_000})
             ids = [new_session(client, flow_id, input=big).session.session_id for _ in range(3)]
-        yield server, ids, writing
+        yield server, ids, started
     finally:
         server.stop()
 
 
-def _shut_down_after_the_write_in_flight(server, stream, writing, session_id: str) -> FlowsessionError:
-    """Starts the shutdown while the stream's first write waits, reads that write, and returns the error
-    the stream then ends with, once the stop has ended (within TIMEOUT, not the 60 s grace)."""
-    assert writing.wait(TIMEOUT)
+def _shut_down_during_the_write_in_flight(server, stream, session_id: str) -> FlowsessionError:
+    """Starts the shutdown while the stream's latest write waits for the reader, reads that write, and
+    returns the error the stream then ends with, once the stop has ended (within TIMEOUT, not the 60 s
+    grace)."""
     stopping = asyncio.run_coroutine_threadsafe(server.server.stop(60), server.loop)
     assert next(stream).event.session.session_id == session_id  # the write in flight arrives
     with pytest.raises(grpc.RpcError) as info:
@@ -328,20 +328,31 @@ def test_shutdown_ends_a_stream_whose_first_write_is_still_in_flight(held_write)
     # SIGTERM's shutdown interrupts a stream's first write while it waits for the client to read (flow
     # control). Once the client reads, it must hear SHUTTING_DOWN and the stop must end: the error status
     # used to repeat the write's headers, grpc refused it, and the call hung until the grace ran out.
-    server, (sid, *_), writing = held_write
+    server, (sid, *_), started = held_write
     with connect(server.address, options=SMALL_WINDOW) as watcher:
         stream = watcher.sessions.WatchSession(spb.WatchSessionRequest(environment="live", session_id=sid), timeout=30)
-        err = _shut_down_after_the_write_in_flight(server, stream, writing, sid)
+        started.get(timeout=TIMEOUT)
+        err = _shut_down_during_the_write_in_flight(server, stream, sid)
     assert (err.code, err.reason) == (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN"), err
 
 
-def test_shutdown_while_sending_the_current_sessions_claims_only_what_was_sent(held_write):
-    # include_current's sessions are older than the stream's "now": a shutdown in their midst must not
-    # name "now" as the place to resume, or a client resuming from it would never get the rest.
-    server, running, writing = held_write
+@pytest.mark.parametrize("handed_over", [0, 1])
+def test_shutdown_while_sending_the_current_sessions_claims_only_what_was_sent(held_write, handed_over):
+    # include_current's sessions are older than the stream's "now": a shutdown in their midst must name
+    # the last of them handed over (none: no position), not "now", or a client resuming from it would
+    # never get the rest.
+    server, running, started = held_write
     with connect(server.address, options=SMALL_WINDOW) as watcher:
         request = spb.WatchSessionsRequest(environment="live", include_current=True)
         stream = watcher.sessions.WatchSessions(request, timeout=30)
-        err = _shut_down_after_the_write_in_flight(server, stream, writing, running[0])
+        sent = []
+        for _ in range(handed_over):  # read it, so its write completes and the next one starts
+            started.get(timeout=TIMEOUT)
+            sent.append(next(stream).event)
+        started.get(timeout=TIMEOUT)
+        err = _shut_down_during_the_write_in_flight(server, stream, running[handed_over])
     assert err.reason == "SHUTTING_DOWN"
-    assert "last_cursor" not in err.metadata  # not one of them had been handed over
+    if sent:
+        assert err.metadata["last_cursor"] == sent[-1].cursor
+    else:
+        assert "last_cursor" not in err.metadata

@@ -251,7 +251,8 @@ class Client:
         `after_cursor` that starts "from now" again, so events committed between the two opens are
         missed; pass a cursor (e.g. from a previous run) where that matters. If a resume cuts into
         the include_current snapshot, the log is replayed from the last snapshot event: nothing is
-        missed, older events of other sessions may appear.
+        missed, older events of other sessions may appear (and CursorExpiredError is raised when
+        that event is older than the retained history).
 
         `timeout` applies to each stream attempt (the server never ends the stream by itself, so a
         timeout ends it with DEADLINE_EXCEEDED, raised; an end with OK, say from a proxy, is
