@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import asyncio
 import queue
+from collections.abc import Callable, Iterable
+from typing import Any
 import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -116,25 +118,32 @@ def test_sigterm_ends_watches_with_unavailable_finishes_writes_and_exits_0(tmp_p
         again.close()
 
 
+def consumed(items: Callable[[], Iterable[Any]], what: Callable[[Any], Any]) -> queue.Queue:
+    """Iterates ``items()`` on a thread; the queue gets ``what(item)`` for each, then "end" or the
+    exception that ended the iteration."""
+    got: queue.Queue = queue.Queue()
+
+    def consume() -> None:
+        try:
+            for item in items():
+                got.put(what(item))
+            got.put("end")
+        except Exception as exc:  # surfaced to the test thread
+            got.put(exc)
+
+    threading.Thread(target=consume, daemon=True).start()
+    return got
+
+
 def test_client_watch_resumes_across_a_server_restart_without_gap_or_duplicate(tmp_path):
     db = tmp_path / "flowsession.db"
     first = ServerProcess(db)
     address = first.address
-    got: queue.Queue = queue.Queue()
     try:
         with connect(address) as client:
             flow_id = published_flow(client)
             sid = new_session(client, flow_id).session.session_id
-
-            def consume() -> None:
-                try:
-                    for event in client.watch("live", sid):
-                        got.put(event.version)
-                    got.put("end")
-                except Exception as exc:  # surfaced to the test thread
-                    got.put(exc)
-
-            threading.Thread(target=consume, daemon=True).start()
+            got = consumed(lambda: client.watch("live", sid), lambda event: event.version)
             assert got.get(timeout=TIMEOUT) == 1
             report(client, sid, "document", "ok")
             assert got.get(timeout=TIMEOUT) == 2
@@ -248,20 +257,14 @@ def test_client_watch_sessions_resumes_across_a_restart_and_raises_on_a_foreign_
     db = tmp_path / "flowsession.db"
     first = ServerProcess(db)
     address = first.address
-    got: queue.Queue = queue.Queue()
     try:
         with connect(address) as client:
             flow_id = published_flow(client)
             seed = new_session(client, flow_id).session.session_id
-
-            def consume() -> None:
-                try:
-                    for event in client.watch_sessions("live", after_cursor=current_cursor(client, seed)):
-                        got.put((event.session.session_id, event.version))
-                except Exception as exc:  # surfaced to the test thread
-                    got.put(exc)
-
-            threading.Thread(target=consume, daemon=True).start()
+            after = current_cursor(client, seed)
+            got = consumed(
+                lambda: client.watch_sessions("live", after_cursor=after), lambda e: (e.session.session_id, e.version)
+            )
             a = new_session(client, flow_id).session.session_id
             assert got.get(timeout=TIMEOUT) == (a, 1)
             assert first.terminate() == 0
