@@ -28,9 +28,10 @@ def _definition(
     graph = convert.graph_from_pb(request.start_step_id, request.steps)
     timeout = convert.execution_timeout(v, request)  # the default if refused: no second violation below
     # A step with an unknown outcome was meant as an end step: checked as one, its only fault is that.
-    checked = replace(
-        graph, steps=tuple(replace(s, outcome=SessionOutcome.ACCEPTED) if i in unknown else s for i, s in enumerate(graph.steps))
-    )
+    checked = graph
+    if unknown:
+        steps = tuple(replace(s, outcome=SessionOutcome.ACCEPTED) if i in unknown else s for i, s in enumerate(graph.steps))
+        checked = replace(graph, steps=steps)
     flowgraph.check(v, checked, timeout)
     in_graph = any(item.field.startswith(("steps", "start_step_id")) for item in v.items)
     v.raise_if_any(reason="INVALID_FLOW_GRAPH" if in_graph else None)
