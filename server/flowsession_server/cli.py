@@ -39,14 +39,22 @@ def _dest(flag: str) -> str:
     return flag.removeprefix("--").replace("-", "_")
 
 
-def _from_env(variable: str, kind: type, default: float) -> float:
+def _variable(flag: str) -> str:
+    return "FLOWSESSION_" + _dest(flag).upper()
+
+
+def _from_env(flag: str, kind: type, default: float) -> float:
+    """The value of a flag not given: its variable's, else the default. Read only then, so a bad variable
+    does not stop a start whose flag overrides it."""
+    variable = _variable(flag)
     text = os.environ.get(variable)
     if text is None:
         return kind(default)
     try:
         return kind(text)
     except ValueError:
-        raise SystemExit(f"{variable} must be {'an integer' if kind is int else 'a number'}, not {text!r}") from None
+        kind_name = "an integer" if kind is int else "a number"
+        raise SystemExit(f"{flag} (from {variable}) must be {kind_name}, not {text!r}") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,10 +76,7 @@ def _parser() -> argparse.ArgumentParser:
         help="SQLite synchronous mode; FULL survives a power cut",
     )
     for flag, kind, default, minimum, maximum, text in NUMERIC_FLAGS:
-        variable = "FLOWSESSION_" + _dest(flag).upper()
-        serve.add_argument(
-            flag, type=kind, default=_from_env(variable, kind, default), help=f"{text} ({minimum} to {maximum:,})"
-        )
+        serve.add_argument(flag, type=kind, help=f"{text} ({minimum} to {maximum:,}; default {default:g}, or {_variable(flag)})")
     serve.add_argument("--log-level", default=env("FLOWSESSION_LOG_LEVEL", "INFO"), help=", ".join(LOG_LEVELS))
     return parser
 
@@ -85,8 +90,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise SystemExit(f"--synchronous must be FULL or NORMAL, not {args.synchronous!r}")
     if args.log_level.upper() not in LOG_LEVELS:
         raise SystemExit(f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {args.log_level!r}")
-    for flag, _kind, _default, minimum, maximum, _text in NUMERIC_FLAGS:  # argparse does not check ranges
+    numbers: dict[str, float] = {}  # Settings fields are named as the flags' attributes
+    for flag, kind, default, minimum, maximum, _text in NUMERIC_FLAGS:  # argparse does not check ranges
         value = getattr(args, _dest(flag))
+        if value is None:
+            value = _from_env(flag, kind, default)
+        numbers[_dest(flag)] = value
         if not (math.isfinite(value) and minimum <= value <= maximum):  # NaN compares false to both
             raise SystemExit(f"{flag} must be from {minimum} to {maximum:,}, not {value}")
     return replace(
@@ -94,14 +103,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         db_path=args.db,
         environments=environments,
         synchronous=args.synchronous,
-        watch_queue=args.watch_queue,
-        watch_heartbeat=args.watch_heartbeat,
-        max_watchers=args.max_watchers,
-        max_opening_watchers=args.max_opening_watchers,
-        event_retention=timedelta(seconds=args.event_retention),
-        feed_poll=args.feed_poll,
-        read_threads=args.read_threads,
-        shutdown_grace=args.shutdown_grace,
+        **{**numbers, "event_retention": timedelta(seconds=numbers["event_retention"])},
     )
 
 

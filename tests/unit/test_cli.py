@@ -38,6 +38,12 @@ def test_environment_variables_are_the_defaults_and_flags_win(monkeypatch):
     assert (s.db_path, s.max_watchers) == ("env.db", 9)
 
 
+def test_a_flag_overrides_a_bad_variable(monkeypatch):
+    assert parse(monkeypatch, ["--watch-queue", "5"], FLOWSESSION_WATCH_QUEUE="abc").watch_queue == 5
+    with pytest.raises(SystemExit, match=r"--watch-queue \(from FLOWSESSION_WATCH_QUEUE\) must be an integer, not 'abc'"):
+        parse(monkeypatch, [], FLOWSESSION_WATCH_QUEUE="abc")
+
+
 @pytest.mark.parametrize(
     "argv, env",
     [
