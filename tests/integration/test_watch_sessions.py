@@ -402,6 +402,20 @@ def test_client_watch_sessions_rides_out_watcher_too_slow_without_gap_or_duplica
         server.stop()
 
 
+def test_closing_a_client_watch_iterator_frees_its_stream(server, client):
+    flow_id = published_flow(client)
+    after = current_cursor(client, new_session(client, flow_id).session.session_id)
+    new_session(client, flow_id)
+    kept = client.watch_sessions("live", after_cursor=after, timeout=60)
+    next(kept)
+    for _event in client.watch_sessions("live", after_cursor=after, timeout=60):
+        assert server.call(_watcher_count(server)) == 2
+        break  # drops the loop's iterator: its stream ends, the kept one stays
+    wait_until(lambda: server.call(_watcher_count(server)) == 1)
+    kept.close()
+    wait_until(lambda: server.call(_watcher_count(server)) == 0)
+
+
 async def _watcher_count(server):
     return server.server.hub.watcher_count
 

@@ -4,7 +4,8 @@ connect() opens a channel with keepalive settings, Client holds the stubs, Flows
 grpc.RpcError and its google.rpc rich status into plain attributes (CursorExpiredError for
 CURSOR_EXPIRED), Client.watch() follows one session's events and Client.watch_sessions() an
 environment's change feed, both resuming after UNAVAILABLE, WATCHER_TOO_SLOW and TOO_MANY_WATCHERS
-without gaps or duplicates.
+without gaps or duplicates (watch_sessions() once it holds a cursor: a stream opened "from now" that
+breaks before its first cursor starts from now again; see its docstring).
 """
 
 from __future__ import annotations
@@ -114,8 +115,8 @@ class FlowsessionError(Exception):
 
 
 class CursorExpiredError(FlowsessionError):
-    """OUT_OF_RANGE, reason CURSOR_EXPIRED: the events after the resume position are gone (pruned,
-    or the cursor is from another database). Re-read the state with ListSessions/GetSession and watch
+    """OUT_OF_RANGE, reason CURSOR_EXPIRED: the events after the resume position are gone (pruned), or
+    the cursor is not this database's (another database, or one restored from a backup). Re-read the state with ListSessions/GetSession and watch
     again from now; resuming cannot be gapless."""
 
     @property

@@ -148,7 +148,8 @@ class SessionServiceServicer:
         ends by itself. Empty after_cursor: from now (include_current: first the latest event of each
         matching RUNNING session); otherwise resumes exactly after that cursor, with no gap and no
         duplicate, also across server restarts. Errors: INVALID_ARGUMENT, OUT_OF_RANGE (CURSOR_EXPIRED:
-        the cursor is older than retained history or from another database), RESOURCE_EXHAUSTED
+        the cursor is older than retained history, from another database, or ahead of or unknown to this
+        one, as after a restore from a backup), RESOURCE_EXHAUSTED
         (WATCHER_TOO_SLOW, TOO_MANY_WATCHERS), UNAVAILABLE (SHUTTING_DOWN, SERVER_BUSY).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
