@@ -8,6 +8,7 @@ depend on thread timing.
 from __future__ import annotations
 
 import asyncio
+import os
 import contextlib
 import sqlite3
 import threading
@@ -559,6 +560,25 @@ def test_list_sessions_never_shows_an_overdue_session_as_running(tmp_path: Path)
     run(tmp_path, body, clock)
 
 
+def test_list_sessions_expires_every_overdue_session_a_running_filter_pages_through(tmp_path: Path) -> None:
+    clock = FakeClock(T0)
+
+    async def body(store: Store, _rec: Recorder) -> None:
+        hour = await published_flow(store)
+        await create(store, hour.flow_id, "ses_a1")
+        await create(store, hour.flow_id, "ses_a2")
+        short = await published_flow(store, timeout=timedelta(minutes=10))
+        clock.advance(timedelta(minutes=1))
+        for n in range(5):  # the newest sessions, and the first to be due
+            await create(store, short.flow_id, f"ses_b{n}")
+        clock.advance(timedelta(minutes=30))
+        running = await store.list_sessions(ENV, "", (SessionStatus.RUNNING,), None, 2)
+        assert sorted(s.session_id for s in running) == ["ses_a1", "ses_a2"]
+        assert {s.status for s in await store.list_sessions(ENV, short.flow_id, (), None, 10)} == {SessionStatus.EXPIRED}
+
+    run(tmp_path, body, clock)
+
+
 def test_expire_due_expires_only_due_sessions(tmp_path: Path) -> None:
     clock = FakeClock(T0)
 
@@ -817,6 +837,27 @@ def test_a_write_lock_held_elsewhere_too_long_fails_the_batch_then_writes_resume
             assert rec.health[-1] is False and not store.writable
         session, _ = await store.create_session(new_session(flow.flow_id, "ses_1"), None)
         assert session.version == 1 and rec.health[-1] is True
+
+    run(tmp_path, body)
+
+
+@pytest.mark.parametrize("how", ["removed", "moved"])
+def test_writes_are_refused_once_the_database_file_is_no_longer_at_its_path(tmp_path: Path, how: str) -> None:
+    """SQLite in WAL mode would go on committing into the unlinked (or moved) file: every answered write lost."""
+
+    async def body(store: Store, rec: Recorder) -> None:
+        flow = await published_flow(store)
+        for suffix in ("", "-wal", "-shm"):
+            path = db(tmp_path) + suffix
+            if how == "removed":
+                os.remove(path)
+            else:
+                os.rename(path, str(tmp_path / "elsewhere.db") + suffix)
+        with pytest.raises(Unavailable) as info:
+            await create(store, flow.flow_id, "ses_1")
+        assert info.value.reason == "STORE_UNAVAILABLE" and "restart" in str(info.value)
+        assert rec.health[-1] is False and not store.writable
+        assert [e.session_id for e in rec.events] == []  # nothing of the refused batch was published
 
     run(tmp_path, body)
 

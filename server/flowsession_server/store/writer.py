@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sqlite3
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -75,6 +76,7 @@ class Writer:
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: sqlite3.Connection | None = None
+        self._file: tuple[int, int] | None = None  # (device, inode) of the database file at open
         self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowsession-writer-disk")
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -86,6 +88,7 @@ class Writer:
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._conn = schema.connect(self._path, synchronous=self._synchronous)
+        self._file = _identity(self._path)
         # On the loop a busy lock must fail at once; BEGIN then waits for it on the disk thread.
         self._conn.execute("PRAGMA busy_timeout=0")
         self.healthy = True
@@ -146,6 +149,18 @@ class Writer:
             if events:
                 self.publishing = (events[0].cursor, events[-1].cursor)
             await self._on_disk(conn.execute, "COMMIT")
+            # In WAL mode SQLite keeps committing into a database file that was deleted or moved away
+            # (it has no SQLITE_READONLY_DBMOVED check there): those writes would be lost, or split from
+            # a process that opens a new file at the path. Checked after COMMIT, so a batch answered OK
+            # went to the file that is still at the path.
+            if _identity(self._path) != self._file:
+                raise _Moved(f"the database file {self._path} was removed or replaced while open; restart the server")
+        except _Moved as exc:
+            self.publishing = None
+            log.error("%s: %d commands are refused", exc, len(batch))
+            self._set_health(False)
+            self._refuse(batch, str(exc))
+            return
         except sqlite3.Error as exc:
             self.publishing = None  # rolled back: nothing of it will be published
             log.exception("commit failed; %d commands are refused", len(batch))
@@ -202,6 +217,18 @@ class Writer:
                 self._on_health(healthy)
             except Exception:  # after a COMMIT: the callers must still hear that it committed
                 log.exception("on_health failed")
+
+
+class _Moved(Exception):
+    pass
+
+
+def _identity(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:  # gone, or its directory unreadable: it cannot be shown to be the same file
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _begin_waiting(conn: sqlite3.Connection) -> None:
