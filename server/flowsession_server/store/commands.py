@@ -224,6 +224,20 @@ def expire_session(environment: str, session_id: str, now: datetime) -> Command:
     return run
 
 
+def expire_sessions(environment: str, session_ids: list[str], now: datetime) -> Command:
+    """Expires those of these sessions that are overdue (a listing found them past their deadline)."""
+
+    def run(conn: sqlite3.Connection) -> Done[int]:
+        events = []
+        for session_id in session_ids:
+            session = _session(conn, environment, session_id)
+            if lifecycle.is_overdue(session, now):
+                events.append(_apply(conn, session, lifecycle.expire(session, now=now)))
+        return Done(len(events), events)
+
+    return run
+
+
 def expire_due(limit: int, now: datetime) -> Command:
     """Expires up to ``limit`` sessions whose deadline is at or before ``now``; value: how many."""
 

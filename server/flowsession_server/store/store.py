@@ -144,14 +144,17 @@ class Store:
     async def list_sessions(
         self, environment: str, flow_id: str, statuses: Iterable[SessionStatus], after: list[Any] | None, limit: int
     ) -> list[Session]:
-        """Newest first, from just past ``after`` (a ``session_position``)."""
+        """Newest first, from just past ``after`` (a ``session_position``). Never shows RUNNING past the
+        deadline: the overdue sessions of the page are expired first, and the page is read again (with a
+        RUNNING filter that brings in more of them, until a page has none)."""
         statuses = tuple(statuses)
-        found = await self._read(reads.list_sessions, environment, flow_id, statuses, after, limit)
-        now = self._clock.now()
-        if any(s.status is SessionStatus.RUNNING and now >= s.expire_time for s in found):
-            await self.expire_due(limit=10_000)
+        while True:
             found = await self._read(reads.list_sessions, environment, flow_id, statuses, after, limit)
-        return found
+            now = self._clock.now()
+            overdue = [s.session_id for s in found if s.status is SessionStatus.RUNNING and now >= s.expire_time]
+            # None expired: the clock the writer read stepped back before the deadlines; do not spin.
+            if not overdue or not await self._write(commands.expire_sessions, environment, overdue):
+                return found
 
     @staticmethod
     def session_position(session: Session) -> list[Any]:
