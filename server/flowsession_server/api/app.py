@@ -50,6 +50,13 @@ SERVER_OPTIONS: Sequence[tuple[str, int]] = (
 )
 
 
+# At shutdown, calls are answered SHUTTING_DOWN until none has come for DRAIN_QUIET seconds (longer than
+# the event loop takes to pick up the next waiting call, even under load), for at most DRAIN_LIMIT
+# seconds of the grace; see errors.Admission.
+DRAIN_QUIET = 0.025
+DRAIN_LIMIT = 2.0
+
+
 class FlowsessionServer:
     """A running server. ``stop()`` is the graceful shutdown that SIGTERM triggers."""
 
@@ -62,6 +69,7 @@ class FlowsessionServer:
         self.feed = Feed(self.store, [self.hub.publish, self.expiry.observe], poll_interval=settings.feed_poll)
         self.retention = Retention(self.store, settings.event_retention)
         self.health = Health()
+        self.admission = errors.Admission()
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
         self.port = 0
         self._stopped = asyncio.Event()
@@ -90,12 +98,12 @@ class FlowsessionServer:
         )
         errors.add_servicer(
             flow_service_pb2_grpc.add_FlowServiceServicer_to_server,
-            FlowService(self.store, self.settings.environments),
+            FlowService(self.store, self.settings.environments, self.admission),
             self.server,
         )
         errors.add_servicer(
             session_service_pb2_grpc.add_SessionServiceServicer_to_server,
-            SessionService(self.store, streams, self.settings.environments),
+            SessionService(self.store, streams, self.settings.environments, self.admission),
             self.server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -119,7 +127,9 @@ class FlowsessionServer:
         self._stopped.set()
         await self.health.close()
         self.hub.close()
-        await self.server.stop(self.settings.shutdown_grace if grace is None else grace)
+        grace = self.settings.shutdown_grace if grace is None else grace
+        drained = await self.admission.drain(quiet=DRAIN_QUIET, limit=min(grace, DRAIN_LIMIT))
+        await self.server.stop(max(0.0, grace - drained))
         await self.retention.stop()
         await self.expiry.stop()
         await self.feed.stop()

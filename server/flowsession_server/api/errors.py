@@ -6,8 +6,10 @@ message (the traceback is logged), never UNKNOWN.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, TypeVar
 
@@ -150,6 +152,35 @@ def add_servicer(add_to_server: Callable[[Any, Any], None], servicer: Any, serve
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 
 
+class Admission:
+    """Whether the servicers take new calls. At shutdown gRPC core cancels every call it holds that the
+    aio server has not yet picked up, with a bare CANCELLED that no client knows to retry; under load that
+    was most of the calls in flight. So a stopping server first drains: it answers every call it picks up
+    UNAVAILABLE / SHUTTING_DOWN (nothing done, retry elsewhere) until none has come for a while, and only
+    then lets gRPC stop. Every servicer method checks it (``unary`` does)."""
+
+    def __init__(self) -> None:
+        self.open = True
+        self._last_call = 0.0
+
+    def check(self) -> None:
+        self._last_call = time.monotonic()
+        if not self.open:
+            raise d.Unavailable.shutting_down()
+
+    async def drain(self, *, quiet: float, limit: float) -> float:
+        """Closes, then returns once no call has come for ``quiet`` seconds (or after ``limit``); returns
+        the seconds it took."""
+        self.open = False
+        start = time.monotonic()
+        while True:
+            now = time.monotonic()
+            wait = min(self._last_call + quiet, start + limit) - now
+            if wait <= 0:
+                return now - start
+            await asyncio.sleep(wait)
+
+
 def unary(fn: Handler) -> Handler:
     """Wraps a unary servicer method: domain errors -> their status; anything else -> INTERNAL."""
 
@@ -158,6 +189,7 @@ def unary(fn: Handler) -> Handler:
         try:
             if isinstance(request, Undecodable):
                 raise request.error()
+            self._admission.check()
             return await fn(self, request, context)
         except grpc.aio.AbortError:
             raise

@@ -39,7 +39,8 @@ def _definition(
 
 
 class FlowService(flow_service_pb2_grpc.FlowServiceServicer):
-    def __init__(self, store: Store, environments: frozenset[str]):
+    def __init__(self, store: Store, environments: frozenset[str], admission: errors.Admission):
+        self._admission = admission
         self._store = store
         self._environments = environments
 

@@ -45,7 +45,8 @@ def _expected_version(v: Violations, value: int) -> None:
 
 
 class SessionService(session_service_pb2_grpc.SessionServiceServicer):
-    def __init__(self, store: Store, streams: Streams, environments: frozenset[str]):
+    def __init__(self, store: Store, streams: Streams, environments: frozenset[str], admission: errors.Admission):
+        self._admission = admission
         self._store = store
         self._streams = streams
         self._environments = environments
