@@ -369,6 +369,16 @@ def test_expected_version_match_or_absent(verb: str, expected_version: int) -> N
     assert event.version == 2
 
 
+@pytest.mark.parametrize("verb", list(ETAG_VERBS))
+def test_a_terminal_session_answers_session_terminal_before_any_version_mismatch(verb: str) -> None:
+    ended = in_status(SessionStatus.ABORTED)
+    for expected_version in (1, ended.version):  # stale etag, current etag: no retry can succeed
+        with pytest.raises(FailedPrecondition) as info:
+            ETAG_VERBS[verb](ended, expected_version)
+        assert info.value.reason == "SESSION_TERMINAL"
+        assert info.value.metadata == {"status": "ABORTED", "version": str(ended.version)}
+
+
 # expire
 
 
