@@ -4,7 +4,13 @@ import pytest
 
 from flowsession.client import connect
 
-from .support import ServerThread, settings_for
+from .support import ServerProcess, ServerThread, settings_for
+
+
+@pytest.fixture(autouse=True)
+def _no_server_process_outlives_its_test():
+    yield
+    ServerProcess.close_all()
 
 
 @pytest.fixture

@@ -55,7 +55,15 @@ class ServerThread:
 
 
 class ServerProcess:
-    """`flowsession serve` as a child process (for SIGKILL, SIGTERM and restart tests)."""
+    """`flowsession serve` as a child process (for SIGKILL, SIGTERM and restart tests). Every one started
+    is closed (killed if still running) when its test ends, even a failing one: see ``close_all``."""
+
+    started: list[ServerProcess] = []
+
+    @classmethod
+    def close_all(cls) -> None:
+        while cls.started:
+            cls.started.pop().close()
 
     def __init__(self, db_path: Path, *extra: str, address: str = "127.0.0.1:0", env: dict[str, str] | None = None):
         argv = [sys.executable, "-m", "flowsession_server", "serve"]
@@ -68,6 +76,7 @@ class ServerProcess:
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
+        ServerProcess.started.append(self)
         line = self._first_line()
         assert line.startswith("listening on "), line
         self.address = line.removeprefix("listening on ").strip()
@@ -78,7 +87,6 @@ class ServerProcess:
         reader.start()
         reader.join(TIMEOUT)
         if not result:
-            self.proc.kill()
             raise AssertionError("server did not report its address in time")
         return result[0]
 
@@ -88,7 +96,10 @@ class ServerProcess:
 
     def terminate(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(TIMEOUT)
+        try:
+            return self.proc.wait(TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"server still running {TIMEOUT} s after SIGTERM") from None
 
     def close(self) -> None:
         if self.proc.poll() is None:

@@ -147,7 +147,7 @@ def test_client_watch_resumes_across_a_server_restart_without_gap_or_duplicate(t
         with connect(address) as client:
             flow_id = published_flow(client)
             sid = new_session(client, flow_id).session.session_id
-            got = consumed(lambda: client.watch("live", sid), lambda event: event.version)
+            got = consumed(lambda: client.watch("live", sid, timeout=60), lambda event: event.version)
             assert got.get(timeout=TIMEOUT) == 1
             report(client, sid, "document", "ok")
             assert got.get(timeout=TIMEOUT) == 2
@@ -267,7 +267,7 @@ def test_client_watch_sessions_resumes_across_a_restart_and_raises_on_a_foreign_
             seed = new_session(client, flow_id).session.session_id
             after = current_cursor(client, seed)
             got = consumed(
-                lambda: client.watch_sessions("live", after_cursor=after), lambda e: (e.session.session_id, e.version)
+                lambda: client.watch_sessions("live", after_cursor=after, timeout=60), lambda e: (e.session.session_id, e.version)
             )
             a = new_session(client, flow_id).session.session_id
             assert got.get(timeout=TIMEOUT) == (a, 1)

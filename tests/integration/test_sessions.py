@@ -610,7 +610,7 @@ def test_report_for_a_step_that_is_not_current_is_refused(client):
     sid = before.session_id
     for step_id in ("liveness", "accepted", "ghost"):
         err = fails(client.sessions.ReportStepResult, report_request(sid, step_id, "ok"), FAILED_PRECONDITION, "STEP_NOT_CURRENT")
-        assert err.metadata.get("current_step_id", "document") == "document"
+        assert err.metadata["current_step_id"] == "document"
     assert get(client, sid) == before
 
 
@@ -659,7 +659,7 @@ def test_report_with_expected_version(client):
         ABORTED_CODE,
         "VERSION_MISMATCH",
     )
-    assert err.metadata.get("version", "2") == "2"
+    assert err.metadata["version"] == "2"
     fails(client.sessions.ReportStepResult, report_request(sid, "liveness", "ok", expected_version=3), ABORTED_CODE, "VERSION_MISMATCH")
     assert get(client, sid) == moved
     assert report(client, sid, "liveness", "ok", expected_version=2).status == COMPLETED
