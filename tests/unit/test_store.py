@@ -148,15 +148,23 @@ def write_lock_held(path: str) -> Iterator[None]:
         gate.close()
 
 
-async def gathered_in_one_go(path: str, *calls: Awaitable[Any]) -> list[Any]:
+async def gathered_in_one_go(store: Store, *calls: Awaitable[Any], writes: int | None = None) -> list[Any]:
     """Runs ``calls`` concurrently while another connection holds the write lock, so every command
     is queued before the writer can commit any: they land in at most two batches (the writer may
-    already hold the first one while it waits for the lock). Results and exceptions, in call order."""
-    with write_lock_held(path):
+    already hold the first one while it waits for the lock). ``writes``: how many of the calls submit
+    a command at once (all by default; more may follow). Results and exceptions, in call order."""
+    with write_lock_held(store.path):
         gathered = asyncio.gather(*calls, return_exceptions=True)
-        # One turn of the loop: every call has run up to awaiting its future, i.e. has queued its command.
-        await asyncio.sleep(0)
+        await until(lambda: store.queued_writes >= (len(calls) if writes is None else writes))
     return await gathered
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Waits on the event loop, with a deadline, for state no future reports."""
+    deadline = asyncio.get_running_loop().time() + DEADLINE_S
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.001)
 
 
 def batches_since(recorder: Recorder, start: int) -> list[list[SessionEvent]]:
@@ -305,7 +313,7 @@ def test_concurrent_changes_and_creates_all_commit_with_gapless_versions(tmp_pat
         order = [ids[i % n_sessions] for i in range(n_sessions * changes_each)]
         calls = [store.change_session(ENV, sid, report("check", "retry")) for sid in order]
         calls += [store.create_session(new_session(flow.flow_id, f"ses_new_{i:02d}"), None) for i in range(n_creates)]
-        results = await gathered_in_one_go(db(tmp_path), *calls)
+        results = await gathered_in_one_go(store, *calls)
 
         errors = [r for r in results if isinstance(r, BaseException)]
         assert errors == []
@@ -344,7 +352,7 @@ def test_failing_command_does_not_roll_back_its_batch(tmp_path: Path) -> None:
         start = len(rec.calls)
 
         results = await gathered_in_one_go(
-            db(tmp_path),
+            store,
             store.change_session(ENV, "ses_first", report("check", "retry")),
             store.change_session(ENV, "ses_a", report("check", "retry")),
             store.change_session(ENV, "ses_b", report("check", "retry")),  # refused: terminal
@@ -524,10 +532,11 @@ def test_racing_expiries_of_one_session_append_one_event(tmp_path: Path) -> None
         await create(store, flow.flow_id, "ses_1")
         clock.advance(TIMEOUT + timedelta(seconds=1))
         results = await gathered_in_one_go(
-            db(tmp_path),
+            store,
             *(store.get_session(ENV, "ses_1") for _ in range(5)),
             store.change_session(ENV, "ses_1", abort()),
             store.expire_due(),
+            writes=2,  # the reads submit theirs once they have read
         )
         *reads_, refused, _expired_count = results
         assert all(isinstance(r, Session) and r.status is SessionStatus.EXPIRED and r.version == 2 for r in reads_)
@@ -839,6 +848,23 @@ def test_a_write_lock_held_elsewhere_too_long_fails_the_batch_then_writes_resume
         assert session.version == 1 and rec.health[-1] is True
 
     run(tmp_path, body)
+
+
+@pytest.mark.parametrize("mode, level", [("FULL", 2), ("NORMAL", 1)])
+def test_the_write_connection_runs_the_synchronous_mode_asked_for(tmp_path: Path, mode: str, level: int) -> None:
+    """FULL (the default) is what makes an answered write survive a power cut."""
+
+    async def body() -> None:
+        store = Store(db(tmp_path), FakeClock(T0), **({} if mode == "FULL" else {"synchronous": mode}))
+        await store.open(Recorder().on_commit, Recorder().on_health)
+        try:
+            assert store._writer is not None and store._writer._conn is not None
+            assert store._writer._conn.execute("PRAGMA synchronous").fetchone()[0] == level
+            assert store._writer._conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        finally:
+            await store.close()
+
+    asyncio.run(body())
 
 
 @pytest.mark.parametrize("how", ["removed", "moved"])

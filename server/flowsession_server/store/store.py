@@ -188,6 +188,15 @@ class Store:
         return await self._read(reads.log_bounds, cursor)
 
     @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def queued_writes(self) -> int:
+        """Commands submitted to the writer and not yet answered."""
+        return 0 if self._writer is None else self._writer.queued
+
+    @property
     def publishing(self) -> tuple[int, int] | None:
         """The cursor range this process has committed and not yet handed to on_commit, if any."""
         return None if self._writer is None else self._writer.publishing

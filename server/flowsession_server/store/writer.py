@@ -73,6 +73,7 @@ class Writer:
         self._on_health = on_health
         self._max_batch = max_batch
         self._jobs: deque[_Job] = deque()
+        self._batch_size = 0  # commands of the batch being committed
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: sqlite3.Connection | None = None
@@ -104,6 +105,11 @@ class Writer:
         self._wake.set()
         return await future
 
+    @property
+    def queued(self) -> int:
+        """Commands submitted and not yet answered: waiting for a batch, or in the one being committed."""
+        return len(self._jobs) + self._batch_size
+
     async def close(self) -> None:
         """Refuses new commands, commits every queued one, then closes the connection."""
         self._closing = True
@@ -127,6 +133,7 @@ class Writer:
                 await self._wake.wait()
                 continue
             batch = [self._jobs.popleft() for _ in range(min(len(self._jobs), self._max_batch))]
+            self._batch_size = len(batch)
             try:
                 await self._commit_batch(batch)
             except Exception:  # a bug here must not leave callers waiting, nor stop the writer
@@ -136,6 +143,7 @@ class Writer:
                 self._refuse(batch, "the store could not commit")
             finally:
                 self.publishing = None
+                self._batch_size = 0
 
     async def _commit_batch(self, batch: list[_Job]) -> None:
         conn = self._conn
