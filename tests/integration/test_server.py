@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from flowsession.client import CursorExpiredError, FlowsessionError, connect
-from flowsession.v1 import session_pb2, session_service_pb2 as spb
+from flowsession.v1 import flow_service_pb2 as fpb, session_pb2, session_service_pb2 as spb
 from flowsession_server.api import streams as streams_module, tokens
 from flowsession_server.domain.errors import Unavailable
 from flowsession_server.store import reads
@@ -226,6 +226,8 @@ def test_session_tokens_stay_valid_across_a_restart(tmp_path):
 def test_a_failing_read_is_unavailable_and_expiry_keeps_running(server, client, monkeypatch, caplog):
     flow_id = published_flow(client)
     sid = new_session(client, flow_id).session.session_id
+    # The scheduler has read the session's deadline and sleeps: only a new, earlier one can wake it.
+    wait_until(lambda: server.server.expiry._next_due is not None)
 
     def broken(*args):
         raise sqlite3.OperationalError("disk I/O error")
@@ -245,6 +247,16 @@ def test_a_failing_read_is_unavailable_and_expiry_keeps_running(server, client, 
     assert server.server.expiry.running  # a raw sqlite3 error used to end it for good
     monkeypatch.undo()
     assert get(client, sid).session_id == sid
+
+
+def test_an_unexpected_fault_is_internal_with_error_info_and_a_logged_traceback(server, client, monkeypatch, caplog):
+    def bug(*args):
+        raise RuntimeError("a bug that must not leak to clients")
+
+    monkeypatch.setattr(reads, "get_flow", bug)
+    err = expect_error(client.flows.GetFlow, fpb.GetFlowRequest(flow_id="flw_x"), grpc.StatusCode.INTERNAL, "INTERNAL")
+    assert "bug" not in err.message and "traceback" not in err.message.lower()
+    assert "a bug that must not leak to clients" in caplog.text  # the details are in the server's log
 
 
 def test_health_is_not_serving_once_the_expiry_scheduler_has_stopped(server, client):
