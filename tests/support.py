@@ -54,6 +54,21 @@ class ServerThread:
             self.loop.close()
 
 
+def reconnected(client: Any) -> None:
+    """Waits until the client's channel is connected again, after its server was restarted: a unary call
+    made while the channel is still in reconnect backoff fails fast with UNAVAILABLE."""
+    grpc.channel_ready_future(client._channel).result(timeout=TIMEOUT)
+
+
+def watcher_count(server: ServerThread) -> int:
+    """The watch streams the server holds open, read on its loop."""
+
+    async def count() -> int:
+        return server.server.hub.watcher_count
+
+    return server.call(count())
+
+
 class ServerProcess:
     """`flowsession serve` as a child process (for SIGKILL, SIGTERM and restart tests). Every one started
     is closed (killed if still running) when its test ends, even a failing one: see ``close_all``."""

@@ -31,6 +31,7 @@ from ..support import (
     get,
     new_session,
     published_flow,
+    reconnected,
     report,
     settings_for,
     wait_until,
@@ -153,9 +154,11 @@ def test_client_watch_resumes_across_a_server_restart_without_gap_or_duplicate(t
             assert got.get(timeout=TIMEOUT) == 2
             assert first.terminate() == 0
             first.close()
-            # Changes made while the watcher is disconnected are replayed from the log on resume.
+            # Changes made as soon as the server is back, whether or not the watcher has resumed yet
+            # (replayed from the log, or live): each arrives once, in order.
             second = ServerProcess(db, address=address)
             try:
+                reconnected(client)
                 report(client, sid, "liveness", "retry")
                 report(client, sid, "liveness", "ok")
                 assert [got.get(timeout=TIMEOUT) for _ in range(3)] == [3, 4, "end"]
@@ -287,6 +290,7 @@ def test_client_watch_sessions_resumes_across_a_restart_and_raises_on_a_foreign_
             first.close()
             second = ServerProcess(db, address=address)
             try:
+                reconnected(client)
                 # Committed while the watcher was away, and after it is back: each arrives once, in order.
                 b = new_session(client, flow_id).session.session_id
                 report(client, a, "document", "ok")

@@ -3,12 +3,27 @@ from __future__ import annotations
 
 import queue
 import threading
+from datetime import timedelta
 
 import grpc
+import pytest
+from google.protobuf import struct_pb2
 
+from flowsession.client import FlowsessionError, connect
 from flowsession.v1 import flow_pb2, session_pb2, session_service_pb2 as spb
+from flowsession_server.clock import FakeClock, SystemClock
 
-from ..support import TIMEOUT, expect_error, new_session, published_flow, report, watch_raw
+from ..support import (
+    TIMEOUT,
+    ServerThread,
+    expect_error,
+    new_session,
+    published_flow,
+    report,
+    settings_for,
+    watch_raw,
+    watcher_count,
+)
 
 EV = session_pb2
 
@@ -118,3 +133,68 @@ def test_client_watch_yields_events_until_terminal(client):
     report(client, sid, "document", "ok")
     report(client, sid, "liveness", "bad")
     assert [got.get(timeout=TIMEOUT) for _ in range(3)] == [2, 3, None]
+
+
+
+def test_a_watch_that_stops_reading_is_cut_off_with_the_last_version_it_was_sent(tmp_path):
+    server = ServerThread(settings_for(tmp_path, watch_queue=2))
+    try:
+        with connect(server.address) as client:
+            flow_id = published_flow(client)
+            # Every event carries the session with its input: large events fill the transport's buffers
+            # quickly, so the server-side queue overflows.
+            payload = struct_pb2.Struct()
+            payload.update({"blob": "x" * 200_000})
+            sid = new_session(client, flow_id, input=payload).session.session_id
+            report(client, sid, "document", "ok")
+            stalled = client.sessions.WatchSession(
+                spb.WatchSessionRequest(environment="live", session_id=sid), timeout=TIMEOUT
+            )
+            assert next(stalled).event.version == 2  # open and live; now it stops reading
+            version = 2
+            while watcher_count(server) == 1 and version < 300:
+                version = report(client, sid, "liveness", "retry").version  # liveness routes retry to itself
+            assert watcher_count(server) == 0, "the stalled watch was never cut off"
+            received = [2]
+            with pytest.raises(grpc.RpcError) as info:
+                for response in stalled:
+                    received.append(response.event.version)
+            error = FlowsessionError.from_rpc_error(info.value)
+            assert (error.code, error.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "WATCHER_TOO_SLOW")
+            assert received == list(range(2, len(received) + 2)) and received[-1] < version
+            # The last version the server knows it handed over; the one it was sending when it cut the
+            # stream may still have arrived.
+            assert error.metadata["last_version"] in (str(received[-1] - 1), str(received[-1]))
+            last = int(error.metadata["last_version"])
+            report(client, sid, "liveness", "ok")
+            resumed = watch_raw(client, sid, after_version=last)
+            assert [e.version for e in resumed] == list(range(last + 1, version + 2))  # no gap, no duplicate
+    finally:
+        server.stop()
+
+
+def test_resuming_after_versions_retention_pruned_is_cursor_expired_not_a_gap(tmp_path):
+    clock = FakeClock(SystemClock().now())
+    server = ServerThread(settings_for(tmp_path, event_retention=timedelta(days=7)), clock=clock)
+    try:
+        with connect(server.address) as client:
+            flow_id = published_flow(client)
+            sid = new_session(client, flow_id).session.session_id
+            report(client, sid, "document", "ok")
+            report(client, sid, "liveness", "retry")
+            report(client, sid, "liveness", "ok")  # terminal at version 4
+            clock.advance(timedelta(days=8))
+            assert server.call(server.server.retention.prune()) == 3  # versions 1-3; the latest is kept
+            watch = lambda request, timeout: list(client.sessions.WatchSession(request, timeout=timeout))  # noqa: E731
+            err = expect_error(
+                watch,
+                spb.WatchSessionRequest(environment="live", session_id=sid, after_version=1),
+                grpc.StatusCode.OUT_OF_RANGE,
+                "CURSOR_EXPIRED",
+            )
+            assert err.metadata["oldest_version"] == "4"
+            # Nothing after version 3 is missing, and watching from 0 starts at the retained state.
+            assert [e.version for e in watch_raw(client, sid, after_version=3)] == [4]
+            assert [e.version for e in watch_raw(client, sid)] == [4]
+    finally:
+        server.stop()

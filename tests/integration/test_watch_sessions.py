@@ -31,6 +31,7 @@ from ..support import (
     report,
     settings_for,
     wait_until,
+    watcher_count,
 )
 
 ST = session_pb2
@@ -89,7 +90,7 @@ def test_from_now_streams_matching_events_in_commit_order(server, client):
     only_b = Collector(client, flow_id=flow_b)
     completed = Collector(client, statuses=[ST.SESSION_STATUS_COMPLETED])
     try:
-        wait_until(lambda: server.call(_watcher_count(server)) == 3)  # "now" has begun for all three
+        wait_until(lambda: watcher_count(server) == 3)  # "now" has begun for all three
         report(client, before, "document", "ok")
         assert everything.events(1)[0].session.session_id == before
         a = new_session(client, flow_a).session.session_id
@@ -215,9 +216,9 @@ def test_every_event_arrives_once_per_watcher_under_concurrent_writers_and_rando
 
 class Gate:
     """Holds one store read on the server's loop until the test opens it: what commits meanwhile is
-    published to watchers that are still catching up."""
+    published to watchers that are still catching up. The first ``passing`` calls go through unheld."""
 
-    def __init__(self, server: ServerThread, method: str):
+    def __init__(self, server: ServerThread, method: str, *, passing: int = 0):
         self.entered = threading.Event()
         self._open = server.call(_new_event())
         self._server = server
@@ -225,6 +226,10 @@ class Gate:
         original = getattr(store, method)
 
         async def held(*args, **kwargs):
+            nonlocal passing
+            if passing:
+                passing -= 1
+                return await original(*args, **kwargs)
             self.entered.set()
             await self._open.wait()
             return await original(*args, **kwargs)
@@ -343,7 +348,7 @@ def test_a_watcher_that_stops_reading_is_cut_off_and_holds_no_memory(tmp_path):
             payload.update({"blob": "x" * 60_000})
             stalled = client.sessions.WatchSessions(spb.WatchSessionsRequest(environment="live"), timeout=60)
             healthy = Collector(client)
-            wait_until(lambda: server.call(_watcher_count(server)) == 2)  # both registered: they miss nothing
+            wait_until(lambda: watcher_count(server) == 2)  # both registered: they miss nothing
             first = new_session(client, flow_id, input=payload).session.session_id
             assert next(stalled).event.session.session_id == first  # live; now it stops reading
             assert healthy.events(1)[0].session.session_id == first
@@ -356,7 +361,7 @@ def test_a_watcher_that_stops_reading_is_cut_off_and_holds_no_memory(tmp_path):
                 # The healthy watcher keeps up the whole time: the stalled one slows nobody.
                 assert healthy.events(1)[0].version == 1
                 most_pending = max(most_pending, server.call(_most_pending(server)))
-                if server.call(_watcher_count(server)) == 1:
+                if watcher_count(server) == 1:
                     cut = writes
             assert cut is not None, "the stalled watcher was never cut off"
             # Memory stays bounded: the server never held more than the queue size for it (the rest
@@ -391,9 +396,9 @@ def test_client_watch_sessions_rides_out_watcher_too_slow_without_gap_or_duplica
             events = client.watch_sessions("live", after_cursor=current_cursor(client, seed), timeout=60)
             created = [new_session(client, flow_id).session.session_id]
             assert next(events).session.session_id == created[0]  # open and live; now it stops reading
-            while server.call(_watcher_count(server)) == 1 and len(created) < 400:
+            while watcher_count(server) == 1 and len(created) < 400:
                 created.append(new_session(client, flow_id, input=payload).session.session_id)
-            assert server.call(_watcher_count(server)) == 0, "the stalled watcher was never cut off"
+            assert watcher_count(server) == 0, "the stalled watcher was never cut off"
             created.append(new_session(client, flow_id).session.session_id)  # committed while it is away
             got = [next(events).session.session_id for _ in created[1:]]
             assert got == created[1:]
@@ -409,15 +414,12 @@ def test_closing_a_client_watch_iterator_frees_its_stream(server, client):
     kept = client.watch_sessions("live", after_cursor=after, timeout=60)
     next(kept)
     for _event in client.watch_sessions("live", after_cursor=after, timeout=60):
-        assert server.call(_watcher_count(server)) == 2
+        assert watcher_count(server) == 2
         break  # drops the loop's iterator: its stream ends, the kept one stays
-    wait_until(lambda: server.call(_watcher_count(server)) == 1)
+    wait_until(lambda: watcher_count(server) == 1)
     kept.close()
-    wait_until(lambda: server.call(_watcher_count(server)) == 0)
+    wait_until(lambda: watcher_count(server) == 0)
 
-
-async def _watcher_count(server):
-    return server.server.hub.watcher_count
 
 
 async def _most_pending(server):
@@ -484,6 +486,40 @@ def test_retention_prunes_old_history_and_old_cursors_expire(tmp_path):
             got = resumed.events(3)
             assert [(e.session.session_id, e.version) for e in got] == [(done, 2), (running, 1), (running, 2)]
             resumed.close()
+    finally:
+        server.stop()
+
+
+def test_events_pruned_while_a_resume_replays_the_log_end_it_with_cursor_expired(tmp_path, monkeypatch):
+    monkeypatch.setattr(streams_module, "EVENT_PAGE", 2)  # a backlog of several pages without writing thousands
+    clock = FakeClock(SystemClock().now())
+    server = ServerThread(settings_for(tmp_path, event_retention=timedelta(days=7)), clock=clock)
+    try:
+        with connect(server.address) as client:
+            flow_id = published_flow(client, timeout_s=30 * 86400)
+            origin = current_cursor(client, new_session(client, flow_id).session.session_id)
+            ended, created_at = [], []
+            for _ in range(3):  # versions 1 of ended sessions: what retention may prune
+                ended.append(new_session(client, flow_id).session.session_id)
+                created_at.append(current_cursor(client, ended[-1]))
+                report(client, ended[-1], "document", "bad")
+            clock.advance(timedelta(days=8))
+            gate = Gate(server, "environment_events", passing=1)  # the second page's read waits
+            watch = Collector(client, after_cursor=origin)
+            try:
+                first_page = watch.events(2)
+                assert [(e.session.session_id, e.version) for e in first_page] == [(ended[0], 1), (ended[0], 2)]
+                assert gate.entered.wait(TIMEOUT)
+                # Prunes the version 1 events of the next pages (and the one already sent).
+                assert server.call(server.server.retention.prune()) == 3
+                gate.open()
+                with pytest.raises(grpc.RpcError) as info:
+                    watch.take(1)
+                err = FlowsessionError.from_rpc_error(info.value)
+                assert (err.code, err.reason) == (grpc.StatusCode.OUT_OF_RANGE, "CURSOR_EXPIRED"), err
+                assert err.metadata["oldest_cursor"] == created_at[-1]  # the newest pruned event
+            finally:
+                watch.close()
     finally:
         server.stop()
 
