@@ -871,21 +871,45 @@ def test_the_write_connection_runs_the_synchronous_mode_asked_for(tmp_path: Path
 def test_writes_are_refused_once_the_database_file_is_no_longer_at_its_path(tmp_path: Path, how: str) -> None:
     """SQLite in WAL mode would go on committing into the unlinked (or moved) file: every answered write lost."""
 
+    elsewhere = str(tmp_path / "elsewhere.db")
+
     async def body(store: Store, rec: Recorder) -> None:
         flow = await published_flow(store)
         for suffix in ("", "-wal", "-shm"):
-            path = db(tmp_path) + suffix
             if how == "removed":
-                os.remove(path)
+                os.remove(db(tmp_path) + suffix)
             else:
-                os.rename(path, str(tmp_path / "elsewhere.db") + suffix)
+                os.rename(db(tmp_path) + suffix, elsewhere + suffix)
         with pytest.raises(Unavailable) as info:
             await create(store, flow.flow_id, "ses_1")
         assert info.value.reason == "STORE_UNAVAILABLE" and "restart" in str(info.value)
         assert rec.health[-1] is False and not store.writable
-        assert [e.session_id for e in rec.events] == []  # nothing of the refused batch was published
+        assert [e.session_id for e in rec.events if e.session_id == "ses_1"] == []  # nothing published
+        for _ in range(8):  # reads on every reader thread: a gone file fails them, never comes back empty
+            with contextlib.suppress(Unavailable):
+                await store.get_flow(flow.flow_id)
+        assert not os.path.exists(db(tmp_path))
+        if how == "moved":
+            with contextlib.closing(sqlite3.connect(elsewhere)) as moved:  # rolled back, not committed there
+                assert moved.execute("SELECT count(*) FROM sessions").fetchone()[0] == 0
+            for suffix in ("", "-wal", "-shm"):
+                os.rename(elsewhere + suffix, db(tmp_path) + suffix)
+            with pytest.raises(Unavailable):  # refused until a restart, not only while it is away
+                await create(store, flow.flow_id, "ses_2")
 
     run(tmp_path, body)
+
+
+def test_a_chdir_does_not_look_like_a_moved_database_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    relative = "flowsession.db"
+
+    async def body(store: Store, _rec: Recorder) -> None:
+        flow = await published_flow(store)
+        monkeypatch.chdir(tmp_path.parent)
+        assert (await create(store, flow.flow_id, "ses_1")).version == 1
+
+    asyncio.run(with_store(relative, FakeClock(T0), body))
 
 
 def test_an_unexpected_error_in_a_batch_refuses_its_calls_and_the_writer_goes_on(

@@ -230,7 +230,7 @@ class Reader:
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = schema.connect(self._path)
+            conn = schema.connect(self._path, create=False)
             self._local.conn = conn
             with self._lock:
                 self._connections.append(conn)

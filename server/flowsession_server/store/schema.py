@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import secrets
 import sqlite3
+import urllib.parse
 
 import sqlite_utils
 import tenacity
@@ -83,8 +84,11 @@ def _use_wal(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA journal_mode=WAL")
 
 
-def connect(path: str, *, synchronous: str = "FULL") -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
+def connect(path: str, *, synchronous: str = "FULL", create: bool = True) -> sqlite3.Connection:
+    """``create=False`` for connections opened once the database exists (readers): a file gone from the
+    path must fail them, not be replaced by a new, empty database."""
+    target = path if create else f"file:{urllib.parse.quote(path)}?mode=rw"
+    conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False, timeout=30.0, uri=not create)
     conn.row_factory = sqlite3.Row
     _use_wal(conn)
     conn.execute(f"PRAGMA synchronous={synchronous}")

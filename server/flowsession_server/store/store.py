@@ -32,7 +32,7 @@ def new_id(prefix: str) -> str:
 
 class Store:
     def __init__(self, path: str, clock: Clock, *, synchronous: str = "FULL", read_threads: int = 4):
-        self._path = path
+        self._path = os.path.abspath(path)  # connections opened later (readers) must not follow a chdir
         self._clock = clock
         self._synchronous = synchronous
         self._read_threads = read_threads

@@ -60,7 +60,7 @@ Result = tuple[_Job, "Done[Any] | BaseException"]
 class Writer:
     def __init__(
         self,
-        path: str,
+        path: str,  # absolute
         *,
         synchronous: str,
         on_commit: Callable[[list[SessionEvent]], None],
@@ -77,7 +77,10 @@ class Writer:
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._conn: sqlite3.Connection | None = None
-        self._file: tuple[int, int] | None = None  # (device, inode) of the database file at open
+        # The database file as opened, (device, inode); once it is no longer at the path, why every
+        # write is refused.
+        self._file: tuple[int, int] | None = None
+        self._moved: str | None = None
         self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowsession-writer-disk")
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -149,6 +152,9 @@ class Writer:
         conn = self._conn
         assert conn is not None
         results: list[Result] = []
+        if self._moved is not None:
+            self._refuse(batch, self._moved)
+            return
         try:
             await self._begin(conn)
             for job in batch:
@@ -156,18 +162,17 @@ class Writer:
             events = [ev for _, done in results if isinstance(done, Done) for ev in done.events]
             if events:
                 self.publishing = (events[0].cursor, events[-1].cursor)
-            await self._on_disk(conn.execute, "COMMIT")
-            # In WAL mode SQLite keeps committing into a database file that was deleted or moved away
-            # (it has no SQLITE_READONLY_DBMOVED check there): those writes would be lost, or split from
-            # a process that opens a new file at the path. Checked after COMMIT, so a batch answered OK
-            # went to the file that is still at the path.
-            if _identity(self._path) != self._file:
-                raise _Moved(f"the database file {self._path} was removed or replaced while open; restart the server")
+            await self._on_disk(self._commit, conn)
         except _Moved as exc:
             self.publishing = None
-            log.error("%s: %d commands are refused", exc, len(batch))
+            self._moved = f"the database file {self._path} was removed or moved away while open; restart the server"
+            if exc.committed:
+                log.error("%s: the last batch committed into the moved file anyway", self._moved)
+            else:
+                await self._rollback()
+            log.error("%s: %d commands are refused, and every later one", self._moved, len(batch))
             self._set_health(False)
-            self._refuse(batch, str(exc))
+            self._refuse(batch, self._moved)
             return
         except sqlite3.Error as exc:
             self.publishing = None  # rolled back: nothing of it will be published
@@ -178,6 +183,17 @@ class Writer:
             return
         self._set_health(True)
         _resolve(self._on_commit, results, events)
+
+    def _commit(self, conn: sqlite3.Connection) -> None:
+        """COMMIT, on the disk thread, only while the database file is still at its path. In WAL mode
+        SQLite goes on committing into a file that was deleted or moved away (it has no
+        SQLITE_READONLY_DBMOVED check there): those writes would be lost, or split from a process that
+        opens a new file at the path. Checked again after COMMIT for a move in between."""
+        if _identity(self._path) != self._file:
+            raise _Moved(committed=False)
+        conn.execute("COMMIT")
+        if _identity(self._path) != self._file:
+            raise _Moved(committed=True)
 
     def _refuse(self, batch: list[_Job], message: str) -> None:
         failure = Unavailable(message, reason="STORE_UNAVAILABLE", retry_after=1.0)
@@ -228,7 +244,9 @@ class Writer:
 
 
 class _Moved(Exception):
-    pass
+    def __init__(self, *, committed: bool):
+        super().__init__()
+        self.committed = committed
 
 
 def _identity(path: str) -> tuple[int, int] | None:
