@@ -93,11 +93,14 @@ def settings_from(args: argparse.Namespace) -> Settings:
     numbers: dict[str, float] = {}  # Settings fields are named as the flags' attributes
     for flag, kind, default, minimum, maximum, _text in NUMERIC_FLAGS:  # argparse does not check ranges
         value = getattr(args, _dest(flag))
+        source = flag
         if value is None:
             value = _from_env(flag, kind, default)
+            if _variable(flag) in os.environ:
+                source = f"{flag} (from {_variable(flag)})"
         numbers[_dest(flag)] = value
         if not (math.isfinite(value) and minimum <= value <= maximum):  # NaN compares false to both
-            raise SystemExit(f"{flag} must be from {minimum} to {maximum:,}, not {value}")
+            raise SystemExit(f"{source} must be from {minimum} to {maximum:,}, not {value}")
     return replace(
         Settings(),
         db_path=args.db,

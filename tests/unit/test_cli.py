@@ -42,6 +42,8 @@ def test_a_flag_overrides_a_bad_variable(monkeypatch):
     assert parse(monkeypatch, ["--watch-queue", "5"], FLOWSESSION_WATCH_QUEUE="abc").watch_queue == 5
     with pytest.raises(SystemExit, match=r"--watch-queue \(from FLOWSESSION_WATCH_QUEUE\) must be an integer, not 'abc'"):
         parse(monkeypatch, [], FLOWSESSION_WATCH_QUEUE="abc")
+    with pytest.raises(SystemExit, match=r"--watch-queue \(from FLOWSESSION_WATCH_QUEUE\) must be from 1 to"):
+        parse(monkeypatch, [], FLOWSESSION_WATCH_QUEUE="0")
 
 
 @pytest.mark.parametrize(

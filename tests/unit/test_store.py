@@ -40,7 +40,7 @@ from flowsession_server.domain.model import (
     SessionStatus,
     Step,
 )
-from flowsession_server.store import schema, writer
+from flowsession_server.store import commands, schema, writer
 from flowsession_server.store.commands import IdempotencyKey, NewSession, Verb
 from flowsession_server.store.store import Store
 
@@ -584,6 +584,32 @@ def test_list_sessions_expires_every_overdue_session_a_running_filter_pages_thro
         running = await store.list_sessions(ENV, "", (SessionStatus.RUNNING,), None, 2)
         assert sorted(s.session_id for s in running) == ["ses_a1", "ses_a2"]
         assert {s.status for s in await store.list_sessions(ENV, short.flow_id, (), None, 10)} == {SessionStatus.EXPIRED}
+
+    run(tmp_path, body, clock)
+
+
+def test_list_sessions_reads_again_when_another_writer_expired_the_page_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock(T0)
+    real = commands.expire_sessions
+
+    def scheduler_first(environment: str, session_ids: list[str], now: datetime) -> writer.Command:
+        def run(conn: sqlite3.Connection) -> writer.Done[int]:
+            theirs = commands.expire_due(1000, now)(conn)  # the expiry scheduler's pass got there first
+            mine = real(environment, session_ids, now)(conn)
+            return writer.Done(mine.value, theirs.events + mine.events)
+
+        return run
+
+    monkeypatch.setattr(commands, "expire_sessions", scheduler_first)
+
+    async def body(store: Store, _rec: Recorder) -> None:
+        flow = await published_flow(store)
+        await create(store, flow.flow_id, "ses_1")
+        clock.advance(TIMEOUT)
+        listed = await store.list_sessions(ENV, "", (), None, 10)
+        assert [(s.session_id, s.status) for s in listed] == [("ses_1", SessionStatus.EXPIRED)]
 
     run(tmp_path, body, clock)
 

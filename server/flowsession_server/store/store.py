@@ -148,13 +148,16 @@ class Store:
         deadline: the overdue sessions of the page are expired first, and the page is read again (with a
         RUNNING filter that brings in more of them, until a page has none)."""
         statuses = tuple(statuses)
+        expired_some = True
         while True:
             found = await self._read(reads.list_sessions, environment, flow_id, statuses, after, limit)
             now = self._clock.now()
             overdue = [s.session_id for s in found if s.status is SessionStatus.RUNNING and now >= s.expire_time]
-            # None expired: the clock the writer read stepped back before the deadlines; do not spin.
-            if not overdue or not await self._write(commands.expire_sessions, environment, overdue):
+            # After a pass that expired none (the scheduler or another call was first, so read again; or
+            # the clock stepped back before the deadlines), this read is the answer: never spin.
+            if not overdue or not expired_some:
                 return found
+            expired_some = bool(await self._write(commands.expire_sessions, environment, overdue))
 
     @staticmethod
     def session_position(session: Session) -> list[Any]:
