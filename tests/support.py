@@ -126,7 +126,8 @@ class ServerProcess:
 
 
 def settings_for(tmp_path: Path, **changes: Any) -> Settings:
-    return replace(Settings(db_path=str(tmp_path / "flowsession.db")), **changes)
+    # A short shutdown drain: hundreds of servers stop in the suite, mostly idle ones.
+    return replace(Settings(db_path=str(tmp_path / "flowsession.db"), shutdown_drain=0.02), **changes)
 
 
 # Flow graphs

@@ -30,6 +30,8 @@ NUMERIC_FLAGS: tuple[tuple[str, type, float, float, float, str], ...] = (
     ("--feed-poll", float, Settings.feed_poll, 0.001, 60, "seconds between looks for commits by other processes on the same database"),
     ("--read-threads", int, Settings.read_threads, 1, 64, "pooled read connections, each on its own thread"),
     ("--shutdown-grace", float, Settings.shutdown_grace, 0, 3600, "seconds in-flight calls get to finish on SIGTERM before they are cancelled"),
+    ("--shutdown-drain", float, Settings.shutdown_drain, 0, 60,
+     "seconds without a new call (each answered SHUTTING_DOWN) before a stopping server lets gRPC stop; at most 2 s and half the grace"),
 )  # fmt: skip
 LOG_LEVELS = tuple(logging.getLevelNamesMapping())  # DEBUG, INFO, WARNING/WARN, ERROR, CRITICAL/FATAL, NOTSET
 

@@ -24,3 +24,6 @@ class Settings:
     read_threads: int = 4
     # Seconds in-flight calls get to finish on SIGTERM before they are cancelled.
     shutdown_grace: float = 10.0
+    # Seconds with no new call (each is answered SHUTTING_DOWN meanwhile) before gRPC itself stops, which
+    # cancels the calls still queued inside it; under load they can arrive a few hundred ms late.
+    shutdown_drain: float = 0.2

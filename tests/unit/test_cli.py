@@ -27,8 +27,8 @@ def test_flags_fill_settings(monkeypatch):
 
 
 def test_tuning_flags_fill_settings(monkeypatch):
-    s = parse(monkeypatch, ["--max-opening-watchers", "16", "--read-threads", "2", "--shutdown-grace", "0.5"])
-    assert (s.max_opening_watchers, s.read_threads, s.shutdown_grace) == (16, 2, 0.5)
+    s = parse(monkeypatch, ["--max-opening-watchers", "16", "--read-threads", "2", "--shutdown-grace", "0.5", "--shutdown-drain", "0.05"])
+    assert (s.max_opening_watchers, s.read_threads, s.shutdown_grace, s.shutdown_drain) == (16, 2, 0.5, 0.05)
     s = parse(monkeypatch, [], FLOWSESSION_READ_THREADS="8", FLOWSESSION_SHUTDOWN_GRACE="3")
     assert (s.read_threads, s.shutdown_grace, s.max_opening_watchers) == (8, 3.0, 256)
 

@@ -71,7 +71,7 @@ def test_a_head_read_between_commit_and_publication_does_not_read_the_log(tmp_pa
                 # Holds the writer after COMMIT until the feed has read the new head.
                 nonlocal landed
                 result = await on_disk(fn, *args)
-                if args == ("COMMIT",):
+                if fn == writer._commit:
                     landed = True
                     await _until(lambda: heads_after_landing)
                     landed = False
@@ -135,7 +135,7 @@ def test_a_failed_commit_does_not_hide_the_next_process_commits_with_the_same_cu
             on_disk = writer._on_disk
 
             async def failing_commit(fn: Any, *args: Any) -> Any:
-                if args == ("COMMIT",):
+                if fn == writer._commit:
                     writer._on_disk = on_disk  # type: ignore[method-assign]  # once
                     raise sqlite3.OperationalError("disk I/O error")
                 return await on_disk(fn, *args)

@@ -50,10 +50,8 @@ SERVER_OPTIONS: Sequence[tuple[str, int]] = (
 )
 
 
-# At shutdown, calls are answered SHUTTING_DOWN until none has come for DRAIN_QUIET seconds (longer than
-# the event loop takes to pick up the next waiting call, even under load), for at most DRAIN_LIMIT
-# seconds of the grace; see errors.Admission.
-DRAIN_QUIET = 0.025
+# At shutdown, calls are answered SHUTTING_DOWN until none has come for Settings.shutdown_drain seconds,
+# for at most DRAIN_LIMIT seconds and half the grace; see errors.Admission.
 DRAIN_LIMIT = 2.0
 
 
@@ -128,7 +126,7 @@ class FlowsessionServer:
         await self.health.close()
         self.hub.close()
         grace = self.settings.shutdown_grace if grace is None else grace
-        drained = await self.admission.drain(quiet=DRAIN_QUIET, limit=min(grace, DRAIN_LIMIT))
+        drained = await self.admission.drain(quiet=self.settings.shutdown_drain, limit=min(grace / 2, DRAIN_LIMIT))
         await self.server.stop(max(0.0, grace - drained))
         await self.retention.stop()
         await self.expiry.stop()

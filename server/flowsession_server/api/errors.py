@@ -149,15 +149,13 @@ def add_servicer(add_to_server: Callable[[Any, Any], None], servicer: Any, serve
         server.add_registered_method_handlers(service, lenient)
 
 
-Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
-
-
 class Admission:
     """Whether the servicers take new calls. At shutdown gRPC core cancels every call it holds that the
     aio server has not yet picked up, with a bare CANCELLED that no client knows to retry; under load that
     was most of the calls in flight. So a stopping server first drains: it answers every call it picks up
     UNAVAILABLE / SHUTTING_DOWN (nothing done, retry elsewhere) until none has come for a while, and only
-    then lets gRPC stop. Every servicer method checks it (``unary`` does)."""
+    then lets gRPC stop (its GOAWAY then tells clients to send no more). Every servicer method checks it
+    (``unary`` does)."""
 
     def __init__(self) -> None:
         self.open = True
@@ -169,16 +167,24 @@ class Admission:
             raise d.Unavailable.shutting_down()
 
     async def drain(self, *, quiet: float, limit: float) -> float:
-        """Closes, then returns once no call has come for ``quiet`` seconds (or after ``limit``); returns
-        the seconds it took."""
+        """Closes, then returns once no call has come for ``quiet`` seconds of an event loop that kept up
+        (a busy loop picks up no waiting call, so its silence proves nothing), or after ``limit``.
+        Calls already running go on. Returns the seconds it took."""
         self.open = False
         start = time.monotonic()
+        calm_since = start
         while True:
             now = time.monotonic()
-            wait = min(self._last_call + quiet, start + limit) - now
-            if wait <= 0:
+            due = min(max(calm_since, self._last_call) + quiet, start + limit)
+            if now >= due:
                 return now - start
-            await asyncio.sleep(wait)
+            await asyncio.sleep(due - now)
+            woke = time.monotonic()
+            if woke - due > quiet / 5:
+                calm_since = woke
+
+
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
 
 
 def unary(fn: Handler) -> Handler:
