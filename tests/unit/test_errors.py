@@ -1,10 +1,13 @@
 """api/errors.py: the status every domain error becomes stays within the trailers' size limits."""
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 from flowsession_server.api import errors
-from flowsession_server.domain.errors import FieldViolation, InvalidArgument, NotFound
+from flowsession_server.domain.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
 
 
 @pytest.mark.parametrize("text", ["é" * 400, "€" * 300, "x" * 1000, "a€" * 200])
@@ -35,3 +38,48 @@ def test_status_keeps_every_detail_of_an_ordinary_error():
     info = error_details_pb2.ErrorInfo()
     assert packed.Unpack(info)
     assert (info.reason, info.domain, dict(info.metadata)) == ("SESSION_NOT_FOUND", "flowsession", {"session_id": "s"})
+
+
+def _busy(seconds: float) -> float:
+    """Keeps the event loop from running anything else, as thousands of streams ending at once do."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+    return end
+
+
+def test_a_drain_refuses_calls_and_waits_a_full_quiet_period_after_the_last_one():
+    async def body() -> None:
+        admission = errors.Admission()
+        admission.check()  # open: taken
+        draining = asyncio.ensure_future(admission.drain(quiet=0.05, limit=5))
+        await asyncio.sleep(0)  # the drain has started
+        with pytest.raises(Unavailable) as info:
+            admission.check()
+        assert info.value.reason == "SHUTTING_DOWN" and info.value.retry_after
+        last_call = time.monotonic()
+        await draining
+        assert time.monotonic() - last_call >= 0.05
+
+    asyncio.run(body())
+
+
+def test_a_drain_does_not_count_time_the_event_loop_spent_busy_as_quiet():
+    async def body() -> None:
+        admission = errors.Admission()
+        draining = asyncio.ensure_future(admission.drain(quiet=0.05, limit=5))
+        await asyncio.sleep(0)
+        free_again = _busy(0.2)  # no waiting call could be picked up meanwhile
+        await draining
+        assert time.monotonic() - free_again >= 0.05
+
+    asyncio.run(body())
+
+
+def test_a_drain_ends_at_its_limit_however_busy():
+    async def body() -> None:
+        admission = errors.Admission()
+        draining = asyncio.ensure_future(admission.drain(quiet=10, limit=0.05))
+        assert await asyncio.wait_for(draining, 5) >= 0.05
+
+    asyncio.run(body())
