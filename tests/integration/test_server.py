@@ -340,6 +340,7 @@ def _shut_down_during_the_write_in_flight(server, stream, session_id: str) -> Fl
     returns the error the stream then ends with, once the stop has ended (within TIMEOUT, not the 60 s
     grace)."""
     stopping = asyncio.run_coroutine_threadsafe(server.server.stop(60), server.loop)
+    wait_until(lambda: server.server.hub.closed)  # the drain is over; streams are being ended
     assert next(stream).event.session.session_id == session_id  # the write in flight arrives
     with pytest.raises(grpc.RpcError) as info:
         next(stream)

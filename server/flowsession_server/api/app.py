@@ -51,7 +51,8 @@ SERVER_OPTIONS: Sequence[tuple[str, int]] = (
 
 
 # At shutdown, calls are answered SHUTTING_DOWN until none has come for Settings.shutdown_drain seconds,
-# for at most DRAIN_LIMIT seconds and half the grace; see errors.Admission.
+# for at most DRAIN_LIMIT seconds and half the grace; see errors.Admission. Under the 1 s of RetryInfo
+# the refused calls get, so they come back after the GOAWAY rather than keep the drain going.
 DRAIN_LIMIT = 2.0
 
 
@@ -124,9 +125,12 @@ class FlowsessionServer:
             return
         self._stopped.set()
         await self.health.close()
-        self.hub.close()
         grace = self.settings.shutdown_grace if grace is None else grace
         drained = await self.admission.drain(quiet=self.settings.shutdown_drain, limit=min(grace / 2, DRAIN_LIMIT))
+        # Streams end only now, right before gRPC's GOAWAY: ending thousands keeps the loop busy (no
+        # waiting call is picked up meanwhile), and their re-opens, RetryInfo 1 s later, must find this
+        # server gone, not queued in it to be cancelled.
+        self.hub.close()
         await self.server.stop(max(0.0, grace - drained))
         await self.retention.stop()
         await self.expiry.stop()

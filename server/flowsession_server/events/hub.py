@@ -164,6 +164,10 @@ class Hub:
         if events and events[-1].cursor > self.high_water.cursor:  # events come in cursor order
             self.high_water = events[-1].position
 
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
     def close(self) -> None:
         """Shutdown: every open watch ends with UNAVAILABLE so clients resume elsewhere or later."""
         self._closed = Unavailable.shutting_down("resume the watch")
