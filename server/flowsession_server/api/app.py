@@ -51,8 +51,8 @@ SERVER_OPTIONS: Sequence[tuple[str, int]] = (
 
 
 # At shutdown, calls are answered SHUTTING_DOWN until none has come for Settings.shutdown_drain seconds,
-# for at most DRAIN_LIMIT seconds and half the grace; see errors.Admission. Under the 1 s of RetryInfo
-# the refused calls get, so they come back after the GOAWAY rather than keep the drain going.
+# for at most DRAIN_LIMIT seconds (clients that keep calling cannot hold a stop) and half the grace; see
+# errors.Admission.
 DRAIN_LIMIT = 2.0
 
 
