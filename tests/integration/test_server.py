@@ -174,7 +174,7 @@ def test_health_watches_opened_during_shutdown_are_told_not_serving_and_end(serv
     stub = health_pb2_grpc.HealthStub(client._channel)
     open_before = stub.Watch(health_pb2.HealthCheckRequest(service="flowsession.v1.SessionService"), timeout=TIMEOUT)
     assert next(open_before).status == health_pb2.HealthCheckResponse.SERVING
-    server.call(server.server.health.close())  # what stop() does first, before the listener closes
+    server.call(server.server.health.close(tell_timeout=TIMEOUT))  # what stop() does first
     assert next(open_before).status == health_pb2.HealthCheckResponse.NOT_SERVING
     opened_after = stub.Watch(health_pb2.HealthCheckRequest(), timeout=TIMEOUT)
     assert next(opened_after).status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -183,6 +183,17 @@ def test_health_watches_opened_during_shutdown_are_told_not_serving_and_end(serv
             next(stream)
         assert FlowsessionError.from_rpc_error(info.value).reason == "SHUTTING_DOWN"
     assert stub.Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT).status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_a_stopping_server_refuses_calls_at_once_however_long_its_health_watches_take(server, client):
+    health = health_pb2_grpc.HealthStub(client._channel)
+    unknown = health.Watch(health_pb2.HealthCheckRequest(service="nope"), timeout=TIMEOUT)  # is never told
+    assert next(unknown).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+    stopping = asyncio.run_coroutine_threadsafe(server.server.stop(60), server.loop)
+    expect_error(client.flows.CreateFlow, fpb.CreateFlowRequest(name="late"), grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN")
+    stopping.result(TIMEOUT)
+    with pytest.raises(grpc.RpcError):
+        next(unknown)
 
 
 def test_health_is_not_serving_while_the_store_cannot_commit(server, client):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Sequence
 
 import grpc
@@ -124,14 +125,18 @@ class FlowsessionServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        await self.health.close()
+        self.admission.close()
         grace = self.settings.shutdown_grace if grace is None else grace
-        drained = await self.admission.drain(quiet=self.settings.shutdown_drain, limit=min(grace / 2, DRAIN_LIMIT))
+        limit = min(grace / 2, DRAIN_LIMIT)
+        started = time.monotonic()
+        await asyncio.gather(
+            self.admission.drain(quiet=self.settings.shutdown_drain, limit=limit), self.health.close(tell_timeout=limit)
+        )
         # Streams end only now, right before gRPC's GOAWAY: ending thousands keeps the loop busy (no
         # waiting call is picked up meanwhile), and their re-opens, RetryInfo 1 s later, must find this
         # server gone, not queued in it to be cancelled.
         self.hub.close()
-        await self.server.stop(max(0.0, grace - drained))
+        await self.server.stop(max(0.0, grace - (time.monotonic() - started)))
         await self.retention.stop()
         await self.expiry.stop()
         await self.feed.stop()

@@ -166,11 +166,14 @@ class Admission:
         if not self.open:
             raise d.Unavailable.shutting_down()
 
+    def close(self) -> None:
+        self.open = False
+
     async def drain(self, *, quiet: float, limit: float) -> float:
         """Closes, then returns once no call has come for ``quiet`` seconds of an event loop that kept up
         (a busy loop picks up no waiting call, so its silence proves nothing), or after ``limit``.
         Calls already running go on. Returns the seconds it took."""
-        self.open = False
+        self.close()
         start = time.monotonic()
         calm_since = start
         while True:

@@ -17,8 +17,6 @@ from ..domain.errors import Unavailable
 from . import errors
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-# How long shutdown waits for every watcher to be sent NOT_SERVING before ending the streams anyway.
-TELL_TIMEOUT = 2.0
 
 
 class _Telling:
@@ -60,13 +58,15 @@ class Health(health.aio.HealthServicer):
             await context.write(health_pb2.HealthCheckResponse(status=NOT_SERVING))
         await context.abort_with_status(errors.status_for(Unavailable.shutting_down()))
 
-    async def close(self) -> None:
-        """Every service NOT_SERVING from now on; each watcher is told, then its stream ends."""
+    async def close(self, tell_timeout: float) -> None:
+        """Every service NOT_SERVING from now on; each watcher is told (waiting at most ``tell_timeout``
+        seconds for that), then its stream ends."""
         self.closing = True
         await self.enter_graceful_shutdown()
         if self._watches:
             told = [asyncio.ensure_future(t.told.wait()) for t in self._watches.values()]
-            _, late = await asyncio.wait(told, timeout=TELL_TIMEOUT)  # a watch of an unknown service is never told
+            # A watch of an unknown service is never told, nor one whose client does not read.
+            _, late = await asyncio.wait(told, timeout=tell_timeout)
             for waiting in late:
                 waiting.cancel()
         for watch in list(self._watches):
