@@ -52,6 +52,20 @@ def test_reflection_lists_the_services(client):
     assert {"flowsession.v1.FlowService", "flowsession.v1.SessionService", "grpc.health.v1.Health"} <= names
 
 
+def test_an_open_reflection_stream_ends_with_shutting_down_and_does_not_hold_the_stop(server, client):
+    requests: queue.Queue = queue.Queue()
+    requests.put(reflection_pb2.ServerReflectionRequest(list_services=""))
+    stub = reflection_pb2_grpc.ServerReflectionStub(client._channel)
+    replies = stub.ServerReflectionInfo(iter(requests.get, None), timeout=TIMEOUT)  # open until None
+    assert next(replies).list_services_response.service
+    stopping = asyncio.run_coroutine_threadsafe(server.server.stop(60), server.loop)
+    with pytest.raises(grpc.RpcError) as info:
+        next(replies)
+    assert FlowsessionError.from_rpc_error(info.value).reason == "SHUTTING_DOWN"
+    stopping.result(TIMEOUT)  # not the 60 s grace
+    requests.put(None)
+
+
 def test_environment_variables_configure_serve(tmp_path):
     db = tmp_path / "from-env.db"
     proc = ServerProcess(db, env={"FLOWSESSION_ADDRESS": "127.0.0.1:0", "FLOWSESSION_DB": str(db)})

@@ -8,7 +8,7 @@ from typing import Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from flowsession.v1 import flow_service_pb2, flow_service_pb2_grpc, session_service_pb2, session_service_pb2_grpc
 
@@ -22,6 +22,7 @@ from ..store.store import Store
 from . import errors
 from .flow_service import FlowService
 from .health import Health
+from .reflection import Reflection
 from .session_service import SessionService
 from .streams import Streams, WatchSettings
 
@@ -70,6 +71,7 @@ class FlowsessionServer:
         self.retention = Retention(self.store, settings.event_retention)
         self.health = Health()
         self.admission = errors.Admission()
+        self.reflection = Reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME))
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
         self.port = 0
         self._stopped = asyncio.Event()
@@ -107,9 +109,7 @@ class FlowsessionServer:
             self.server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(self.reflection, self.server)
         self.port = self.server.add_insecure_port(address)
         await self.server.start()
         await self._publish_health()
@@ -136,6 +136,7 @@ class FlowsessionServer:
         # waiting call is picked up meanwhile), and their re-opens, RetryInfo 1 s later, must find this
         # server gone, not queued in it to be cancelled.
         self.hub.close()
+        self.reflection.close()
         await self.server.stop(max(0.0, grace - (time.monotonic() - started)))
         await self.retention.stop()
         await self.expiry.stop()
