@@ -54,12 +54,6 @@ class ServerThread:
             self.loop.close()
 
 
-def reconnected(client: Any) -> None:
-    """Waits until the client's channel is connected again, after its server was restarted: a unary call
-    made while the channel is still in reconnect backoff fails fast with UNAVAILABLE."""
-    grpc.channel_ready_future(client._channel).result(timeout=TIMEOUT)
-
-
 def watcher_count(server: ServerThread) -> int:
     """The watch streams the server holds open, read on its loop."""
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 import queue
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -31,7 +32,6 @@ from ..support import (
     get,
     new_session,
     published_flow,
-    reconnected,
     report,
     settings_for,
     wait_until,
@@ -154,34 +154,32 @@ def consumed(items: Callable[[], Iterable[Any]], what: Callable[[Any], Any]) -> 
     return got
 
 
+def _restarted(server: ServerProcess, db: Path, client: Any) -> ServerProcess:
+    """SIGTERM (exit 0), then a new process on the same address and file; returns once the client's
+    channel is connected again (a unary call made during its reconnect backoff fails fast)."""
+    assert server.terminate() == 0
+    again = ServerProcess(db, address=server.address)
+    grpc.channel_ready_future(client._channel).result(timeout=TIMEOUT)
+    return again
+
+
 def test_client_watch_resumes_across_a_server_restart_without_gap_or_duplicate(tmp_path):
     db = tmp_path / "flowsession.db"
     first = ServerProcess(db)
-    address = first.address
-    try:
-        with connect(address) as client:
-            flow_id = published_flow(client)
-            sid = new_session(client, flow_id).session.session_id
-            got = consumed(lambda: client.watch("live", sid, timeout=60), lambda event: event.version)
-            assert got.get(timeout=TIMEOUT) == 1
-            report(client, sid, "document", "ok")
-            assert got.get(timeout=TIMEOUT) == 2
-            assert first.terminate() == 0
-            first.close()
-            # Changes made as soon as the server is back, whether or not the watcher has resumed yet
-            # (replayed from the log, or live): each arrives once, in order.
-            second = ServerProcess(db, address=address)
-            try:
-                reconnected(client)
-                report(client, sid, "liveness", "retry")
-                report(client, sid, "liveness", "ok")
-                assert [got.get(timeout=TIMEOUT) for _ in range(3)] == [3, 4, "end"]
-                assert get(client, sid).status == session_pb2.SESSION_STATUS_COMPLETED
-            finally:
-                second.terminate()
-                second.close()
-    finally:
-        first.close()
+    with connect(first.address) as client:
+        flow_id = published_flow(client)
+        sid = new_session(client, flow_id).session.session_id
+        got = consumed(lambda: client.watch("live", sid, timeout=60), lambda event: event.version)
+        assert got.get(timeout=TIMEOUT) == 1
+        report(client, sid, "document", "ok")
+        assert got.get(timeout=TIMEOUT) == 2
+        _restarted(first, db, client)
+        # Changes made as soon as the server is back, whether or not the watcher has resumed yet
+        # (replayed from the log, or live): each arrives once, in order.
+        report(client, sid, "liveness", "retry")
+        report(client, sid, "liveness", "ok")
+        assert [got.get(timeout=TIMEOUT) for _ in range(3)] == [3, 4, "end"]
+        assert get(client, sid).status == session_pb2.SESSION_STATUS_COMPLETED
 
 
 def test_health_watches_opened_during_shutdown_are_told_not_serving_and_end(server, client):
@@ -300,36 +298,25 @@ def test_health_is_not_serving_once_the_expiry_scheduler_has_stopped(server, cli
 def test_client_watch_sessions_resumes_across_a_restart_and_raises_on_a_foreign_cursor(tmp_path):
     db = tmp_path / "flowsession.db"
     first = ServerProcess(db)
-    address = first.address
-    try:
-        with connect(address) as client:
-            flow_id = published_flow(client)
-            seed = new_session(client, flow_id).session.session_id
-            after = current_cursor(client, seed)
-            got = consumed(
-                lambda: client.watch_sessions("live", after_cursor=after, timeout=60), lambda e: (e.session.session_id, e.version)
-            )
-            a = new_session(client, flow_id).session.session_id
-            assert got.get(timeout=TIMEOUT) == (a, 1)
-            assert first.terminate() == 0
-            first.close()
-            second = ServerProcess(db, address=address)
-            try:
-                reconnected(client)
-                # Committed while the watcher was away, and after it is back: each arrives once, in order.
-                b = new_session(client, flow_id).session.session_id
-                report(client, a, "document", "ok")
-                assert [got.get(timeout=TIMEOUT) for _ in range(2)] == [(b, 1), (a, 2)]
-                # A cursor of another database is a typed error, not a silent skip.
-                other = f"{'0' * 16}-{1:016x}"
-                with pytest.raises(CursorExpiredError) as info:
-                    next(client.watch_sessions("live", after_cursor=other, timeout=TIMEOUT))
-                assert info.value.oldest_cursor
-            finally:
-                second.terminate()
-                second.close()
-    finally:
-        first.close()
+    with connect(first.address) as client:
+        flow_id = published_flow(client)
+        seed = new_session(client, flow_id).session.session_id
+        after = current_cursor(client, seed)
+        got = consumed(
+            lambda: client.watch_sessions("live", after_cursor=after, timeout=60), lambda e: (e.session.session_id, e.version)
+        )
+        a = new_session(client, flow_id).session.session_id
+        assert got.get(timeout=TIMEOUT) == (a, 1)
+        _restarted(first, db, client)
+        # Committed while the watcher was away, and after it is back: each arrives once, in order.
+        b = new_session(client, flow_id).session.session_id
+        report(client, a, "document", "ok")
+        assert [got.get(timeout=TIMEOUT) for _ in range(2)] == [(b, 1), (a, 2)]
+        # A cursor of another database is a typed error, not a silent skip.
+        other = f"{'0' * 16}-{1:016x}"
+        with pytest.raises(CursorExpiredError) as info:
+            next(client.watch_sessions("live", after_cursor=other, timeout=TIMEOUT))
+        assert info.value.oldest_cursor
 
 
 # A connection that takes in little until it is read from, so a large first write waits for the reader.
