@@ -305,10 +305,75 @@ def test_resume_before_any_event_uses_the_original_after_version(
 
     request, rpc = take_watch(fake)
     assert request.after_version == 7
-    rpc.send_response(event(8))
+    rpc.send_response(event(8, session_pb2.SESSION_EVENT_TYPE_ABORTED))
     rpc.terminate((), grpc.StatusCode.OK, "")
     assert watcher.next_version() == 8
     watcher.ends()
+
+
+def test_a_stream_cut_before_its_first_event_resumes_from_the_servers_last_version(
+    client: Client, fake: grpc_testing.Channel, channel: RecordingChannel
+) -> None:
+    # after_version 0 asks for the current state; the server cut the stream (shutting down) after
+    # settling on version 4 as the start: reopening "from 0" again would skip what came in between.
+    watcher = Watcher(client)
+    _, rpc = take_watch(fake)
+    terminate_with(rpc, error_info(grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN", 1.0, last_version="4"))
+
+    request, rpc = take_watch(fake)
+    assert request.after_version == 4
+    rpc.send_response(event(5))
+    rpc.send_response(event(6, session_pb2.SESSION_EVENT_TYPE_EXPIRED))
+    rpc.terminate((), grpc.StatusCode.OK, "")
+    assert [watcher.next_version(), watcher.next_version()] == [5, 6]
+    watcher.ends()
+
+
+def test_a_servers_last_version_behind_the_last_yielded_one_moves_nothing(
+    client: Client, fake: grpc_testing.Channel, channel: RecordingChannel
+) -> None:
+    watcher = Watcher(client)
+    _, rpc = take_watch(fake)
+    rpc.send_response(event(3))
+    assert watcher.next_version() == 3
+    terminate_with(rpc, error_info(grpc.StatusCode.RESOURCE_EXHAUSTED, "WATCHER_TOO_SLOW", last_version="2"))
+
+    request, rpc = take_watch(fake)
+    assert request.after_version == 3
+    times_out(rpc)
+    assert watcher.error().code is grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_an_ok_end_after_a_non_terminal_event_resumes_after_it(
+    client: Client, fake: grpc_testing.Channel, channel: RecordingChannel, sleeps: list[float]
+) -> None:
+    # The server ends WatchSession with OK only after the terminal event; an earlier OK end (a proxy
+    # closing the stream) once ended the iterator silently, the session still RUNNING.
+    watcher = Watcher(client)
+    _, rpc = take_watch(fake)
+    rpc.send_response(event(2))
+    rpc.terminate((), grpc.StatusCode.OK, "")
+    assert watcher.next_version() == 2
+
+    request, rpc = take_watch(fake)
+    assert request.after_version == 2
+    assert first_window(sleeps)
+    rpc.send_response(event(3, session_pb2.SESSION_EVENT_TYPE_COMPLETED))
+    rpc.terminate((), grpc.StatusCode.OK, "")
+    assert watcher.next_version() == 3
+    watcher.ends()
+    assert after_versions(channel) == [0, 2]
+
+
+def test_an_ok_end_with_nothing_sent_ends_the_iterator(
+    client: Client, fake: grpc_testing.Channel, channel: RecordingChannel
+) -> None:
+    # What the server answers when after_version already is the session's terminal version.
+    watcher = Watcher(client, after_version=5)
+    _, rpc = take_watch(fake)
+    rpc.terminate((), grpc.StatusCode.OK, "")
+    watcher.ends()
+    assert len(channel.calls) == 1
 
 
 def test_retry_info_delay_is_slept_before_reconnecting(
@@ -457,6 +522,23 @@ def test_closing_the_iterator_cancels_the_stream(client: Client, fake: grpc_test
     within_deadline(rpc.cancelled)  # returns once the call ended CANCELLED, raises otherwise
 
 
+def test_closing_the_client_ends_a_watch_waiting_to_reconnect(fake: grpc_testing.Channel) -> None:
+    class Channel(RecordingChannel):
+        def close(self) -> None:
+            pass
+
+    channel = Channel(fake)
+    client = Client(channel)  # type: ignore[arg-type]  # the real wait, not a recorded one
+    watcher = Watcher(client)
+    _, rpc = take_watch(fake)
+    # A 60 s RetryInfo wait: only the close can end it within the test's deadline.
+    terminate_with(rpc, error_info(grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_WATCHERS", 60.0))
+    client.close()
+    error = watcher.error()
+    assert (error.code, error.message) == (grpc.StatusCode.CANCELLED, "the client was closed")
+    assert len(channel.calls) == 1
+
+
 def test_client_closes_its_channel_as_a_context_manager() -> None:
     closed = threading.Event()
 
@@ -485,6 +567,15 @@ def test_connect_opens_an_insecure_channel_with_keepalive_then_caller_options(
     with connect("localhost:50051", options=extra) as c:
         assert isinstance(c, Client)
     assert opened == [("localhost:50051", [*KEEPALIVE_OPTIONS, *extra])]
+
+    # gRPC takes the first of two same-named options, so a caller's own keepalive must replace the
+    # default rather than follow it (it was silently ignored).
+    opened.clear()
+    with connect("localhost:50051", options=[("grpc.keepalive_time_ms", 5_000)]):
+        pass
+    (_, options), = opened
+    assert [value for name, value in options if name == "grpc.keepalive_time_ms"] == [5_000]
+    assert len(options) == len(KEEPALIVE_OPTIONS)
     assert dict(KEEPALIVE_OPTIONS) == {
         "grpc.keepalive_time_ms": 60_000,
         "grpc.keepalive_timeout_ms": 20_000,
@@ -568,7 +659,7 @@ def test_watch_cursor_expired_raises_the_typed_error(client: Client, fake: grpc_
     terminate_with(rpc, error_info(grpc.StatusCode.OUT_OF_RANGE, "CURSOR_EXPIRED", oldest_version="9"))
     error = watcher.error()
     assert isinstance(error, CursorExpiredError)
-    assert (error.oldest_cursor, error.metadata) == ("", {"oldest_version": "9"})
+    assert (error.oldest_cursor, error.oldest_version, error.metadata) == ("", 9, {"oldest_version": "9"})
 
 
 # --- watch_sessions() ------------------------------------------------------------------------------
@@ -791,6 +882,28 @@ def test_first_resume_without_a_cursor_re_sends_the_original_request(
     request, rpc = take_watch_sessions(fake)
     assert (request.after_cursor, request.include_current, request.flow_id) == (cursor(3), False, "kyc")
     assert list(request.statuses) == [session_pb2.SESSION_STATUS_RUNNING]
+    times_out(rpc)
+    watcher.timed_out()
+
+
+def test_a_stream_from_now_cut_before_any_cursor_resumes_from_the_servers_last_cursor(
+    client: Client, fake: grpc_testing.Channel, channel: RecordingChannel
+) -> None:
+    # The server says where the from-now stream stood when it ended it: resuming there misses
+    # nothing committed before the reopen (re-sending "from now" would).
+    watcher = SessionsWatcher(client, flow_id="kyc")
+    original, rpc = take_watch_sessions(fake)
+    assert original.after_cursor == ""
+    terminate_with(rpc, error_info(grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN", 1.0, last_cursor=cursor(7)))
+
+    request, rpc = take_watch_sessions(fake)
+    assert (request.after_cursor, request.include_current, request.flow_id) == (cursor(7), False, "kyc")
+    rpc.send_response(feed_event(8))
+    assert watcher.next_cursor() == cursor(8)
+    terminate_with(rpc, error_info(grpc.StatusCode.RESOURCE_EXHAUSTED, "WATCHER_TOO_SLOW", last_cursor=cursor(6)))
+
+    request, rpc = take_watch_sessions(fake)
+    assert request.after_cursor == cursor(8)  # the server's older position moves nothing
     times_out(rpc)
     watcher.timed_out()
 

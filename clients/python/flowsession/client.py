@@ -4,14 +4,14 @@ connect() opens a channel with keepalive settings, Client holds the stubs, Flows
 grpc.RpcError and its google.rpc rich status into plain attributes (CursorExpiredError for
 CURSOR_EXPIRED), Client.watch() follows one session's events and Client.watch_sessions() an
 environment's change feed, both resuming after UNAVAILABLE, WATCHER_TOO_SLOW and TOO_MANY_WATCHERS
-without gaps or duplicates (watch_sessions() once it holds a cursor: a stream opened "from now" that
-breaks before its first cursor starts from now again; see its docstring).
+without gaps or duplicates (watch_sessions() once it holds a cursor: a stream opened "from now" whose
+connection breaks before its first cursor starts from now again; see its docstring).
 """
 
 from __future__ import annotations
 
 import random
-import time
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
@@ -124,6 +124,12 @@ class CursorExpiredError(FlowsessionError):
         """The oldest cursor the server still has (WatchSessions); "" when it sent none."""
         return self.metadata.get("oldest_cursor", "")
 
+    @property
+    def oldest_version(self) -> int | None:
+        """The session's oldest version still in its history (WatchSession); None when it sent none."""
+        value = self.metadata.get("oldest_version", "")
+        return int(value) if value.isdigit() else None
+
 
 def _resumable(error: FlowsessionError) -> bool:
     return error.code is grpc.StatusCode.UNAVAILABLE or error.reason in _RESUMABLE_REASONS.get(error.code, ())
@@ -145,6 +151,16 @@ def _delay(error: FlowsessionError, attempt: int) -> float:
     return _backoff(attempt)
 
 
+_TERMINAL_EVENTS = frozenset(
+    {
+        session_pb2.SESSION_EVENT_TYPE_COMPLETED,
+        session_pb2.SESSION_EVENT_TYPE_ABORTED,
+        session_pb2.SESSION_EVENT_TYPE_EXPIRED,
+        session_pb2.SESSION_EVENT_TYPE_ERROR,
+    }
+)
+
+
 def _not_after(cursor: str, last: str) -> bool:
     """True when cursor is known to be at or before last: both "<epoch>-<hex>[-<tag>]" of the same
     epoch. Cursors of different epochs (or not in that form) are not comparable, so never "not after"."""
@@ -161,14 +177,19 @@ def _not_after(cursor: str, last: str) -> bool:
 class Client:
     """The generated stubs on one channel, plus watch() and watch_sessions() with auto-resume."""
 
-    def __init__(self, channel: grpc.Channel, *, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, channel: grpc.Channel, *, sleep: Callable[[float], object] | None = None) -> None:
         self._channel = channel
-        # Injected so tests can check a server's RetryInfo delay without waiting it out.
-        self._sleep = sleep
+        self._closed = threading.Event()
+        # Injected so tests can check a server's RetryInfo delay without waiting it out. The default
+        # wait ends early when close() is called from another thread.
+        self._sleep = sleep or self._closed.wait
         self.flows = flow_service_pb2_grpc.FlowServiceStub(channel)
         self.sessions = session_service_pb2_grpc.SessionServiceStub(channel)
 
     def close(self) -> None:
+        """Closes the channel. Watches of this client, also ones waiting to reconnect in another
+        thread, end with FlowsessionError(CANCELLED)."""
+        self._closed.set()
         self._channel.close()
 
     def __enter__(self) -> Client:
@@ -195,12 +216,18 @@ class Client:
 
         Heartbeats are consumed, not yielded. On UNAVAILABLE and on RESOURCE_EXHAUSTED
         (WATCHER_TOO_SLOW, TOO_MANY_WATCHERS) the stream is re-opened after the last version
-        yielded, after the server's RetryInfo delay or else a jittered exponential backoff.
-        `timeout` applies to each stream attempt. `max_reconnects` caps consecutive re-opens with
-        no new event or heartbeat in between (None: unlimited). Raises CursorExpiredError on
-        CURSOR_EXPIRED, FlowsessionError for any other failure or when the cap is hit.
+        yielded (or the server's `last_version` when it names a later one, as a stream cut before
+        its first event does), after the server's RetryInfo delay or else a jittered exponential
+        backoff. A stream that ends with OK after a non-terminal event (the server never does; a
+        proxy might) is re-opened the same way; an OK end with nothing sent ends the iterator, as
+        the server does when `after_version` is the terminal version. `timeout` applies to each stream attempt; every
+        open waits for the connection (wait_for_ready), so without a timeout a server that never
+        comes up blocks the iterator. `max_reconnects` caps consecutive re-opens with no new event
+        or heartbeat in between (None: unlimited). Raises CursorExpiredError on CURSOR_EXPIRED
+        (with .oldest_version), FlowsessionError for any other failure or when the cap is hit.
         """
         last_version = after_version
+        ended = False  # the terminal event was received: the server's OK end is the end
 
         def open_stream() -> Any:
             return self.sessions.WatchSession(
@@ -214,7 +241,7 @@ class Client:
         def accept(
             response: session_service_pb2.WatchSessionResponse,
         ) -> tuple[bool, session_pb2.SessionEvent | None]:
-            nonlocal last_version
+            nonlocal last_version, ended
             if not response.HasField("event"):
                 # A heartbeat: the stream is healthy. Its version never passes the last event sent.
                 return True, None
@@ -222,9 +249,23 @@ class Client:
             if event.version <= last_version:  # a re-opened stream may repeat the boundary event
                 return False, None
             last_version = event.version
+            ended = event.type in _TERMINAL_EVENTS
             return True, event
 
-        return self._follow(open_stream, accept, max_reconnects, ends_by_itself=True)
+        def finished(received: bool) -> bool:
+            # The server ends with OK after the terminal event, or at once (nothing sent) when
+            # after_version already is the terminal version.
+            return ended or not received
+
+        def adopt(error: FlowsessionError) -> None:
+            nonlocal last_version
+            # The server names the last version it handed over, all received before this status: it
+            # is ahead of ours only for a stream cut before its first event (the version before it).
+            theirs = error.metadata.get("last_version", "")
+            if theirs.isdigit() and int(theirs) > last_version:
+                last_version = int(theirs)
+
+        return self._follow(open_stream, accept, adopt, max_reconnects, finished=finished)
 
     def watch_sessions(
         self,
@@ -248,9 +289,11 @@ class Client:
         UNAVAILABLE and on RESOURCE_EXHAUSTED (WATCHER_TOO_SLOW, TOO_MANY_WATCHERS) it re-opens
         with after_cursor set to that cursor and include_current off, after the server's RetryInfo
         delay or else a jittered exponential backoff; events at or before that cursor are skipped.
-        Until a first cursor has been seen it re-sends the original request: with an empty
-        `after_cursor` that starts "from now" again, so events committed between the two opens are
-        missed; pass a cursor (e.g. from a previous run) where that matters. If a resume cuts into
+        Before it has seen a cursor it takes the `last_cursor` the server's error names (SHUTTING_DOWN
+        and WATCHER_TOO_SLOW carry the stream's position), else it re-sends the original request: with
+        an empty `after_cursor` that starts "from now" again after a lost connection, so events
+        committed between the two opens are missed; pass a cursor (e.g. from a previous run) where
+        that matters. Every open waits for the connection (wait_for_ready). If a resume cuts into
         the include_current snapshot, the log is replayed from the last snapshot event: nothing is
         missed, older events of other sessions may appear (and CursorExpiredError is raised when
         that event is older than the retained history).
@@ -299,32 +342,43 @@ class Client:
                 last_cursor = event.cursor
             return True, event
 
-        return self._follow(open_stream, accept, max_reconnects, ends_by_itself=False)
+        def adopt(error: FlowsessionError) -> None:
+            nonlocal last_cursor
+            theirs = error.metadata.get("last_cursor", "")
+            if theirs and (not last_cursor or _not_after(last_cursor, theirs)):
+                last_cursor = theirs
+
+        # The server never ends a WatchSessions stream by itself: an OK end is a break to resume from.
+        return self._follow(open_stream, accept, adopt, max_reconnects, finished=lambda received: False)
 
     def _follow(
         self,
         open_stream: Callable[[], Any],
         accept: Callable[[Any], tuple[bool, _T | None]],
+        adopt: Callable[[FlowsessionError], None],
         max_reconnects: int | None,
         *,
-        ends_by_itself: bool,
+        finished: Callable[[bool], bool],
     ) -> Iterator[_T]:
         """The resume loop of both watches. open_stream opens a call at the current position;
-        accept records a response's position and returns (progress, item to yield or None). A stream
-        that never ends by itself (ends_by_itself False) is resumed after an OK end too."""
+        accept records a response's position and returns (progress, item to yield or None); adopt
+        takes the position a resumable error names; finished(whether the attempt received anything)
+        tells an OK end that ends the watch from one to resume after."""
         attempts = 0  # consecutive re-opens without progress: the cap's count and the backoff's exponent
         while True:
             # wait_for_ready (set by open_stream): while the connection is down a re-open waits for
             # it, paced by gRPC's jittered exponential connection backoff.
-            call = open_stream()
+            call = self._open(open_stream)
+            received = False
             try:
                 for response in call:
+                    received = True
                     progress, item = accept(response)
                     if progress:
                         attempts = 0
                     if item is not None:
                         yield item
-                if ends_by_itself:
+                if finished(received):
                     return
                 error, cause = FlowsessionError(grpc.StatusCode.UNAVAILABLE, "the stream ended early with OK"), None
             except grpc.RpcError as err:
@@ -335,10 +389,29 @@ class Client:
                 call.cancel()
             if not _resumable(error) or (max_reconnects is not None and attempts >= max_reconnects):
                 raise error from cause
+            adopt(error)
             attempts += 1
             self._sleep(_delay(error, attempts))
+            if self._closed.is_set():
+                raise _closed_error() from cause
+
+    def _open(self, open_stream: Callable[[], Any]) -> Any:
+        if self._closed.is_set():
+            raise _closed_error()
+        try:
+            return open_stream()
+        except ValueError:  # grpc's "Cannot invoke RPC on closed channel!": close() won a race
+            if self._closed.is_set():
+                raise _closed_error() from None
+            raise
+
+
+def _closed_error() -> FlowsessionError:
+    return FlowsessionError(grpc.StatusCode.CANCELLED, "the client was closed")
 
 
 def connect(address: str, *, options: Sequence[tuple[str, object]] = ()) -> Client:
-    """Opens an insecure channel to address; `options` are passed after the keepalive defaults."""
-    return Client(grpc.insecure_channel(address, options=[*KEEPALIVE_OPTIONS, *options]))
+    """Opens an insecure channel to address with the keepalive defaults; an option in `options`
+    replaces the default of the same name (gRPC would take the first of two)."""
+    merged = {**dict(KEEPALIVE_OPTIONS), **dict(options)}
+    return Client(grpc.insecure_channel(address, options=list(merged.items())))
