@@ -26,7 +26,12 @@ if _version_not_supported:
 
 
 class FlowServiceStub:
-    """Defines flows, edits their draft versions and publishes them to environments.
+    """Defines flows, edits their draft versions and publishes them to environments. Errors follow the
+    error model described on SessionService (google.rpc.ErrorInfo with domain "flowsession"); this
+    service's reasons: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST, INVALID_PAGE_TOKEN,
+    INVALID_FLOW_GRAPH: one field violation per problem of the graph), NOT_FOUND (FLOW_NOT_FOUND
+    [flow_id], FLOW_VERSION_NOT_FOUND [flow_id, version]), FAILED_PRECONDITION (FLOW_VERSION_PUBLISHED),
+    UNAVAILABLE (SHUTTING_DOWN, STORE_UNAVAILABLE) and INTERNAL.
     """
 
     def __init__(self, channel):
@@ -78,7 +83,12 @@ class FlowServiceStub:
 
 
 class FlowServiceServicer:
-    """Defines flows, edits their draft versions and publishes them to environments.
+    """Defines flows, edits their draft versions and publishes them to environments. Errors follow the
+    error model described on SessionService (google.rpc.ErrorInfo with domain "flowsession"); this
+    service's reasons: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST, INVALID_PAGE_TOKEN,
+    INVALID_FLOW_GRAPH: one field violation per problem of the graph), NOT_FOUND (FLOW_NOT_FOUND
+    [flow_id], FLOW_VERSION_NOT_FOUND [flow_id, version]), FAILED_PRECONDITION (FLOW_VERSION_PUBLISHED),
+    UNAVAILABLE (SHUTTING_DOWN, STORE_UNAVAILABLE) and INTERNAL.
     """
 
     def CreateFlow(self, request, context):
@@ -193,7 +203,12 @@ def add_FlowServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class FlowService:
-    """Defines flows, edits their draft versions and publishes them to environments.
+    """Defines flows, edits their draft versions and publishes them to environments. Errors follow the
+    error model described on SessionService (google.rpc.ErrorInfo with domain "flowsession"); this
+    service's reasons: INVALID_ARGUMENT (INVALID_ARGUMENT, MALFORMED_REQUEST, INVALID_PAGE_TOKEN,
+    INVALID_FLOW_GRAPH: one field violation per problem of the graph), NOT_FOUND (FLOW_NOT_FOUND
+    [flow_id], FLOW_VERSION_NOT_FOUND [flow_id, version]), FAILED_PRECONDITION (FLOW_VERSION_PUBLISHED),
+    UNAVAILABLE (SHUTTING_DOWN, STORE_UNAVAILABLE) and INTERNAL.
     """
 
     @staticmethod

@@ -28,6 +28,26 @@ if _version_not_supported:
 class SessionServiceStub:
     """Runs sessions of published flow versions. Every call names the environment; a session of
     another environment is NOT_FOUND.
+
+    Error model (FlowService shares it). Every error status carries google.rpc.ErrorInfo with domain
+    "flowsession", a reason and metadata; validation errors add google.rpc.BadRequest field violations,
+    and retryable errors google.rpc.RetryInfo. Reasons (metadata keys in brackets):
+    INVALID_ARGUMENT: INVALID_ARGUMENT (field violations; beyond about 3 KB of them the rest are left
+    out, their number in [omitted_violations]), MALFORMED_REQUEST (the request bytes do not decode),
+    INVALID_PAGE_TOKEN, UNKNOWN_VERDICT.
+    NOT_FOUND: SESSION_NOT_FOUND [session_id, environment], FLOW_NOT_FOUND [flow_id].
+    ALREADY_EXISTS: REQUEST_ID_REUSED [request_id, session_id].
+    FAILED_PRECONDITION: FLOW_NOT_PUBLISHED [flow_id, environment], SESSION_TERMINAL [status, version],
+    STEP_NOT_CURRENT [current_step_id].
+    ABORTED: VERSION_MISMATCH [version].
+    OUT_OF_RANGE: VERSION_AHEAD [version], CURSOR_EXPIRED [oldest_cursor; WatchSession: oldest_version].
+    RESOURCE_EXHAUSTED: WATCHER_TOO_SLOW [last_cursor or last_version], TOO_MANY_WATCHERS [max_watchers]
+    with RetryInfo.
+    UNAVAILABLE: SHUTTING_DOWN (RetryInfo 1 s; an ended watch stream adds [last_cursor or last_version]),
+    SERVER_BUSY (RetryInfo), STORE_UNAVAILABLE (RetryInfo 1 s).
+    INTERNAL: INTERNAL (an unexpected server fault, with a generic message).
+    Any RPC may fail with UNAVAILABLE (SHUTTING_DOWN, STORE_UNAVAILABLE): nothing of it was done, so
+    retry it, a write with the same request_id. DEADLINE_EXCEEDED and CANCELLED come from gRPC itself.
     """
 
     def __init__(self, channel):
@@ -81,6 +101,26 @@ class SessionServiceStub:
 class SessionServiceServicer:
     """Runs sessions of published flow versions. Every call names the environment; a session of
     another environment is NOT_FOUND.
+
+    Error model (FlowService shares it). Every error status carries google.rpc.ErrorInfo with domain
+    "flowsession", a reason and metadata; validation errors add google.rpc.BadRequest field violations,
+    and retryable errors google.rpc.RetryInfo. Reasons (metadata keys in brackets):
+    INVALID_ARGUMENT: INVALID_ARGUMENT (field violations; beyond about 3 KB of them the rest are left
+    out, their number in [omitted_violations]), MALFORMED_REQUEST (the request bytes do not decode),
+    INVALID_PAGE_TOKEN, UNKNOWN_VERDICT.
+    NOT_FOUND: SESSION_NOT_FOUND [session_id, environment], FLOW_NOT_FOUND [flow_id].
+    ALREADY_EXISTS: REQUEST_ID_REUSED [request_id, session_id].
+    FAILED_PRECONDITION: FLOW_NOT_PUBLISHED [flow_id, environment], SESSION_TERMINAL [status, version],
+    STEP_NOT_CURRENT [current_step_id].
+    ABORTED: VERSION_MISMATCH [version].
+    OUT_OF_RANGE: VERSION_AHEAD [version], CURSOR_EXPIRED [oldest_cursor; WatchSession: oldest_version].
+    RESOURCE_EXHAUSTED: WATCHER_TOO_SLOW [last_cursor or last_version], TOO_MANY_WATCHERS [max_watchers]
+    with RetryInfo.
+    UNAVAILABLE: SHUTTING_DOWN (RetryInfo 1 s; an ended watch stream adds [last_cursor or last_version]),
+    SERVER_BUSY (RetryInfo), STORE_UNAVAILABLE (RetryInfo 1 s).
+    INTERNAL: INTERNAL (an unexpected server fault, with a generic message).
+    Any RPC may fail with UNAVAILABLE (SHUTTING_DOWN, STORE_UNAVAILABLE): nothing of it was done, so
+    retry it, a write with the same request_id. DEADLINE_EXCEEDED and CANCELLED come from gRPC itself.
     """
 
     def CreateSession(self, request, context):
@@ -93,14 +133,15 @@ class SessionServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetSession(self, request, context):
-        """Returns a session. Errors: INVALID_ARGUMENT, NOT_FOUND.
+        """Returns a session. Errors: INVALID_ARGUMENT, NOT_FOUND (SESSION_NOT_FOUND).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ListSessions(self, request, context):
-        """Lists an environment's sessions, newest first. Errors: INVALID_ARGUMENT.
+        """Lists an environment's sessions, newest first. Errors: INVALID_ARGUMENT (INVALID_PAGE_TOKEN among
+        others).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -135,7 +176,8 @@ class SessionServiceServicer:
     def WatchSession(self, request, context):
         """Streams a session's events in version order with no gap and no duplicate, and ends with OK
         right after the terminal event. after_version 0: the current state first, then every change;
-        N: every event after N, then every change. Errors: INVALID_ARGUMENT, NOT_FOUND,
+        N: every event after N, then every change. A stream idle for the server's heartbeat interval
+        (--watch-heartbeat, default 30 s) gets a heartbeat. Errors: INVALID_ARGUMENT, NOT_FOUND,
         OUT_OF_RANGE (VERSION_AHEAD; CURSOR_EXPIRED when events after N were pruned), RESOURCE_EXHAUSTED
         (WATCHER_TOO_SLOW, TOO_MANY_WATCHERS), UNAVAILABLE (SHUTTING_DOWN, SERVER_BUSY).
         """
@@ -147,10 +189,11 @@ class SessionServiceServicer:
         """Streams every event of every matching session of the environment, in commit order, and never
         ends by itself. Empty after_cursor: from now (include_current: first the latest event of each
         matching RUNNING session); otherwise resumes exactly after that cursor, with no gap and no
-        duplicate, also across server restarts. Errors: INVALID_ARGUMENT, OUT_OF_RANGE (CURSOR_EXPIRED:
-        the cursor is older than retained history, from another database, or ahead of or unknown to this
-        one, as after a restore from a backup), RESOURCE_EXHAUSTED
-        (WATCHER_TOO_SLOW, TOO_MANY_WATCHERS), UNAVAILABLE (SHUTTING_DOWN, SERVER_BUSY).
+        duplicate, also across server restarts. Heartbeats as on WatchSession. Errors: INVALID_ARGUMENT
+        (also include_current with a non-empty after_cursor), OUT_OF_RANGE (CURSOR_EXPIRED: the cursor is
+        older than retained history, from another database, or ahead of or unknown to this one, as after
+        a restore from a backup), RESOURCE_EXHAUSTED (WATCHER_TOO_SLOW, TOO_MANY_WATCHERS), UNAVAILABLE
+        (SHUTTING_DOWN, SERVER_BUSY).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -210,6 +253,26 @@ def add_SessionServiceServicer_to_server(servicer, server):
 class SessionService:
     """Runs sessions of published flow versions. Every call names the environment; a session of
     another environment is NOT_FOUND.
+
+    Error model (FlowService shares it). Every error status carries google.rpc.ErrorInfo with domain
+    "flowsession", a reason and metadata; validation errors add google.rpc.BadRequest field violations,
+    and retryable errors google.rpc.RetryInfo. Reasons (metadata keys in brackets):
+    INVALID_ARGUMENT: INVALID_ARGUMENT (field violations; beyond about 3 KB of them the rest are left
+    out, their number in [omitted_violations]), MALFORMED_REQUEST (the request bytes do not decode),
+    INVALID_PAGE_TOKEN, UNKNOWN_VERDICT.
+    NOT_FOUND: SESSION_NOT_FOUND [session_id, environment], FLOW_NOT_FOUND [flow_id].
+    ALREADY_EXISTS: REQUEST_ID_REUSED [request_id, session_id].
+    FAILED_PRECONDITION: FLOW_NOT_PUBLISHED [flow_id, environment], SESSION_TERMINAL [status, version],
+    STEP_NOT_CURRENT [current_step_id].
+    ABORTED: VERSION_MISMATCH [version].
+    OUT_OF_RANGE: VERSION_AHEAD [version], CURSOR_EXPIRED [oldest_cursor; WatchSession: oldest_version].
+    RESOURCE_EXHAUSTED: WATCHER_TOO_SLOW [last_cursor or last_version], TOO_MANY_WATCHERS [max_watchers]
+    with RetryInfo.
+    UNAVAILABLE: SHUTTING_DOWN (RetryInfo 1 s; an ended watch stream adds [last_cursor or last_version]),
+    SERVER_BUSY (RetryInfo), STORE_UNAVAILABLE (RetryInfo 1 s).
+    INTERNAL: INTERNAL (an unexpected server fault, with a generic message).
+    Any RPC may fail with UNAVAILABLE (SHUTTING_DOWN, STORE_UNAVAILABLE): nothing of it was done, so
+    retry it, a write with the same request_id. DEADLINE_EXCEEDED and CANCELLED come from gRPC itself.
     """
 
     @staticmethod
