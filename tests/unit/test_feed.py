@@ -153,3 +153,40 @@ def test_a_failed_commit_does_not_hide_the_next_process_commits_with_the_same_cu
             await store.close()
 
     asyncio.run(body())
+
+
+def test_the_feeds_change_signal_moves_on_another_connections_commit_and_not_before(tmp_path: Path) -> None:
+    """The feed skips reading the log while Store.data_version() stands still, so it must move with a
+    commit by any other connection and not with writes that are not visible yet. A check of the files
+    (used before) moved as soon as the WAL was written, and a look between that and the commit becoming
+    visible hid the commit until the next one."""
+
+    async def body() -> None:
+        path = db(tmp_path)
+        store = Store(path, FakeClock(T0))
+        await store.open(Recorder().on_commit, lambda healthy: None)
+        other = sqlite3.connect(path, isolation_level=None)
+        try:
+            before = store.data_version()
+            assert before is not None
+            assert store.data_version() == before  # reads, its own included, move nothing
+            wal = Path(path + "-wal")
+            size = wal.stat().st_size
+            other.execute("PRAGMA cache_size=1")  # pages spill into the WAL before COMMIT
+            other.execute("BEGIN IMMEDIATE")
+            for i in range(50):
+                other.execute("INSERT INTO meta (key, value) VALUES (?, ?)", [f"probe_{i}", "x" * 4000])
+            assert wal.stat().st_size > size  # the files changed...
+            assert store.data_version() == before  # ...but nothing is committed
+            other.execute("COMMIT")
+            after = store.data_version()
+            assert after is not None and after != before
+            flow = await published_flow(store)  # this process's writer is another connection too
+            assert flow is not None and store.data_version() != after
+            # No read transaction is left open by it, or the WAL could never be checkpointed.
+            assert other.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0] == 0
+        finally:
+            other.close()
+            await store.close()
+
+    asyncio.run(body())

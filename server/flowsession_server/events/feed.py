@@ -19,8 +19,6 @@ from ..store.store import Store
 log = logging.getLogger(__name__)
 
 PAGE = 1000
-# Seconds between reads of the log's head even when the files look unchanged.
-FULL_CHECK_INTERVAL = 1.0
 
 
 class Feed(BackgroundLoop):
@@ -54,9 +52,7 @@ class Feed(BackgroundLoop):
             subscriber(events)
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        fingerprint = self._store.change_fingerprint()
-        next_full_check = loop.time() + FULL_CHECK_INTERVAL
+        version = self._store.data_version()
         while True:
             try:
                 # asyncio.timeout, not wait_for: no task per poll, and the poll runs 50 times a second.
@@ -66,13 +62,14 @@ class Feed(BackgroundLoop):
             except TimeoutError:
                 woken = False
             self._wake.clear()
-            # An idle poll only looks at the files; the log is read when they changed, when a local
-            # commit did not follow on, or every FULL_CHECK_INTERVAL in case a change left no trace.
-            seen = self._store.change_fingerprint()
-            if not woken and seen == fingerprint and loop.time() < next_full_check:
+            # An idle poll only asks SQLite whether anything was committed since the last one; the log
+            # is read when something was, or when a local commit did not follow on. (A check of the
+            # files' times and sizes, used before, could run after a commit's WAL write and before the
+            # commit became visible; the next commit or a full check a second later then delivered it.)
+            seen = self._store.data_version()
+            if not woken and seen is not None and seen == version:
                 continue
-            fingerprint = seen
-            next_full_check = loop.time() + FULL_CHECK_INTERVAL
+            version = seen
             try:
                 head = await self._store.max_cursor()
                 if head > self.last_cursor and not self._own_commit_covers(head):

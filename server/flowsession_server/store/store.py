@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Callable, Iterable
@@ -38,6 +39,7 @@ class Store:
         self._read_threads = read_threads
         self._writer: Writer | None = None
         self._reader: reads.Reader | None = None
+        self._version_conn: sqlite3.Connection | None = None  # data_version() only, on the event loop
         self.keys: StoreKeys | None = None
         self._versions = commands.PublishedVersions()  # used by the writer's commands only
 
@@ -52,6 +54,7 @@ class Store:
             return StoreKeys(meta["epoch"], bytes.fromhex(meta["token_key"]), bytes.fromhex(meta["page_key"]))
 
         self.keys = await asyncio.to_thread(prepare)
+        self._version_conn = await asyncio.to_thread(_version_connection, self._path)
         self._reader = reads.Reader(self._path, threads=self._read_threads)
         self._writer = Writer(self._path, synchronous=self._synchronous, on_commit=on_commit, on_health=on_health)
         self._writer.start(asyncio.get_running_loop())
@@ -66,6 +69,8 @@ class Store:
             await self._writer.close()
         if self._reader is not None:
             await asyncio.to_thread(self._reader.close)
+        if self._version_conn is not None:
+            self._version_conn.close()
 
     async def _write(self, factory: Callable[..., Any], *args: Any) -> Any:
         # ``now`` is read when the command runs, so event times follow commit order.
@@ -204,18 +209,18 @@ class Store:
         """The cursor range this process has committed and not yet handed to on_commit, if any."""
         return None if self._writer is None else self._writer.publishing
 
-    def change_fingerprint(self) -> tuple[int, ...]:
-        """Cheap (two stat calls, no SQL): differs after any process committed to the file, so the
-        change feed reads the log only then. Coarse file times can hide a change; the feed re-reads
-        the log's head every second regardless."""
-        parts: list[int] = []
-        for path in (self._path, self._path + "-wal"):
-            try:
-                st = os.stat(path)
-                parts += [st.st_mtime_ns, st.st_size, st.st_ino]
-            except FileNotFoundError:
-                parts += [0, 0, 0]
-        return tuple(parts)
+    def data_version(self) -> int | None:
+        """SQLite's PRAGMA data_version: it changes once another connection (another process, or this
+        one's writer) has committed, and only then, so the change feed reads the log only when it did.
+        Cheap, and it never waits on a lock (busy_timeout 0), so it runs on the event loop. None when it
+        could not be read (busy, I/O error): the feed then reads the log."""
+        assert self._version_conn is not None
+        try:
+            # fetchall steps the statement to its end, which ends its read transaction: one left open
+            # would pin the WAL and keep checkpoints from finishing.
+            return int(self._version_conn.execute("PRAGMA data_version").fetchall()[0][0])
+        except sqlite3.Error:
+            return None
 
     async def oldest_position(self) -> LogPosition:
         return await self._read(reads.oldest_position)
@@ -229,3 +234,9 @@ class Store:
 
     async def expire_due(self, *, limit: int = 1000) -> int:
         return await self._write(commands.expire_due, limit)
+
+
+def _version_connection(path: str) -> sqlite3.Connection:
+    conn = schema.connect(path, create=False)
+    conn.execute("PRAGMA busy_timeout=0")
+    return conn
