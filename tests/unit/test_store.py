@@ -40,7 +40,7 @@ from flowsession_server.domain.model import (
     SessionStatus,
     Step,
 )
-from flowsession_server.store import commands, schema, writer
+from flowsession_server.store import codec, commands, schema, writer
 from flowsession_server.store.commands import IdempotencyKey, NewSession, Verb
 from flowsession_server.store.store import Store
 
@@ -1012,3 +1012,35 @@ def test_processes_opening_a_new_file_together_migrate_it_once(tmp_path: Path) -
         t.join(DEADLINE_S)
     assert errors == []
     assert len(keys) == 6 and all(k == keys[0] for k in keys)
+
+
+def _prune_floor(path: str) -> int:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return int(conn.execute("SELECT value FROM meta WHERE key = 'prune_floor_us'").fetchone()[0])
+
+
+def test_retention_passes_start_at_a_floor_that_never_skips_a_running_sessions_history(tmp_path: Path) -> None:
+    """Later passes read events only from a floor up, so that the latest events every ended session
+    keeps are not read again and again. The floor stays at the oldest RUNNING session's creation:
+    its history becomes prunable when it ends, however old it is by then."""
+    clock = FakeClock(T0)
+    week = timedelta(days=7)
+
+    async def body(store: Store, _rec: Recorder) -> None:
+        flow = await published_flow(store, timeout=timedelta(days=30))
+        await create(store, flow.flow_id, "ses_done")
+        await store.change_session(ENV, "ses_done", abort())
+        await create(store, flow.flow_id, "ses_long")
+        await store.change_session(ENV, "ses_long", report("check", "retry"))
+        clock.advance(timedelta(days=8))
+        assert await store.prune_events(week) == 1  # ses_done's first event; ses_long is RUNNING
+        assert _prune_floor(store.path) == codec.to_us(T0)  # held back by ses_long, not raised to the cutoff
+        await store.change_session(ENV, "ses_long", abort())
+        clock.advance(timedelta(days=1))
+        assert await store.prune_events(week) == 2  # ses_long's history, older than the last cutoff
+        assert [e.version for e in await store.events_after("ses_long", 0)] == [3]
+        assert [e.version for e in await store.events_after("ses_done", 0)] == [2]
+        assert _prune_floor(store.path) == codec.to_us(clock.now() - week)  # nothing RUNNING: the cutoff
+        assert await store.prune_events(week) == 0
+
+    run(tmp_path, body, clock)

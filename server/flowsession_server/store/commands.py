@@ -348,20 +348,27 @@ def not_found_session(environment: str, session_id: str) -> NotFound:
 def prune_events(limit: int, retention: timedelta, now: datetime) -> Command:
     """Deletes up to ``limit`` events older than ``retention``, never one of a RUNNING session and never
     a session's latest event (WatchSession starts from it), and the ended sessions' request ids older
-    than that. Value: how many events were deleted."""
+    than that. Value: how many events were deleted.
+
+    Every ended session keeps its latest event forever, so reading all old events on each pass would
+    take longer with every session ever run. A pass that found everything due (fewer than ``limit``)
+    raises a floor to its cutoff, or to the creation of the oldest RUNNING session if earlier: below
+    it, what is left is latest events of ended sessions, which stay, and later passes start there."""
 
     def run(conn: sqlite3.Connection) -> Done[int]:
         cutoff = codec.to_us(now - retention)
+        floor = int(conn.execute("SELECT value FROM meta WHERE key = 'prune_floor_us'").fetchone()["value"])
         rows = conn.execute(
             "SELECT e.cursor, e.session_id, e.version, e.event_us FROM events e JOIN sessions s ON s.session_id = e.session_id "
-            "WHERE e.event_us < ? AND s.status != 'RUNNING' AND e.version < s.version LIMIT ?",
-            [cutoff, limit],
+            "WHERE e.event_us >= ? AND e.event_us < ? AND s.status != 'RUNNING' AND e.version < s.version LIMIT ?",
+            [floor, cutoff, limit],
         ).fetchall()
         cursors = [r["cursor"] for r in rows]
         # Idempotency keys live as long as history: a retry within the retention period is recognised.
+        # Those left older than the cutoff are a RUNNING session's, so the range stays short.
         conn.execute(
-            "DELETE FROM request_ids WHERE create_us < ? AND session_id IN "
-            "(SELECT session_id FROM sessions WHERE status != 'RUNNING')",
+            "DELETE FROM request_ids WHERE create_us < ? AND NOT EXISTS "
+            "(SELECT 1 FROM sessions s WHERE s.session_id = request_ids.session_id AND s.status = 'RUNNING')",
             [cutoff],
         )
         if cursors:
@@ -374,6 +381,12 @@ def prune_events(limit: int, retention: timedelta, now: datetime) -> Command:
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('pruned_tag', ?)",
                     [codec.event_tag(top["session_id"], top["version"], top["event_us"])],
                 )
+        if len(rows) < limit:
+            # A RUNNING session's events all follow its creation, and an ended session never changes.
+            oldest = conn.execute("SELECT MIN(create_us) AS us FROM sessions WHERE status = 'RUNNING'").fetchone()["us"]
+            raised = cutoff if oldest is None else min(cutoff, oldest)
+            if raised > floor:
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'prune_floor_us'", [str(raised)])
         return Done(len(cursors))
 
     return run

@@ -68,6 +68,15 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     db.execute("INSERT INTO meta (key, value) VALUES ('pruned_through', '0')")
 
 
+@migrations()
+def m002_retention_floor(db: sqlite_utils.Database) -> None:
+    # Retention reads events from a floor up (see commands.prune_events), and finds the floor with the
+    # oldest RUNNING session; idempotency keys are pruned by age.
+    db.execute("CREATE INDEX sessions_running_since ON sessions (create_us) WHERE status = 'RUNNING'")
+    db.execute("CREATE INDEX request_ids_by_time ON request_ids (create_us)")
+    db.execute("INSERT INTO meta (key, value) VALUES ('prune_floor_us', '0')")
+
+
 def _locked(exc: BaseException) -> bool:
     return isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc)
 
