@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 from pathlib import Path
 import queue
@@ -78,6 +79,35 @@ def test_environment_variables_configure_serve(tmp_path):
     finally:
         assert proc.terminate() == 0
         proc.close()
+
+
+def test_a_stopping_server_refuses_a_write_stuck_behind_another_process_lock_within_the_grace(tmp_path):
+    """Another process holds the write lock past the grace: the waiting write is answered SHUTTING_DOWN
+    (with ErrorInfo, nothing written) and the stop ends within the grace, where gRPC used to cancel
+    the call bare at the grace's end, the stop then waited for the lock, and the write landed."""
+    server = ServerThread(settings_for(tmp_path))
+    try:
+        with connect(server.address) as client:
+            flow_id = published_flow(client)
+            holder = sqlite3.connect(server.server.settings.db_path, isolation_level=None)
+            try:
+                holder.execute("BEGIN IMMEDIATE")
+                with ThreadPoolExecutor(max_workers=1) as pool:
+                    request = spb.CreateSessionRequest(flow_id=flow_id, environment="live")
+                    write = pool.submit(rpc_error, client.sessions.CreateSession, request)
+                    wait_until(lambda: server.server.store.queued_writes == 1)  # in the writer, waiting
+                    stopping = asyncio.run_coroutine_threadsafe(server.server.stop(2.0), server.loop)
+                    error = write.result(timeout=TIMEOUT)
+                    stopping.result(TIMEOUT)  # while the lock is still held: not the 30 s lock wait
+                assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN"), error
+                assert error.retry_delay == 1.0
+            finally:
+                holder.execute("ROLLBACK")
+                holder.close()
+    finally:
+        server.stop()
+    with contextlib.closing(sqlite3.connect(server.server.settings.db_path)) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM sessions").fetchone()[0] == 0
 
 
 WRITERS = 24

@@ -12,6 +12,7 @@ import os
 import contextlib
 import sqlite3
 import threading
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -1044,3 +1045,23 @@ def test_retention_passes_start_at_a_floor_that_never_skips_a_running_sessions_h
         assert await store.prune_events(week) == 0
 
     run(tmp_path, body, clock)
+
+
+def test_a_shutdown_deadline_ends_a_wait_for_another_process_lock_and_writes_nothing(tmp_path: Path) -> None:
+    """A stopping server must answer a write stuck behind another process's lock before its grace
+    ends: gRPC would cancel the call, and the write would land once the lock came free."""
+
+    async def body(store: Store, rec: Recorder) -> None:
+        flow = await published_flow(store)
+        with write_lock_held(db(tmp_path)):
+            pending = asyncio.ensure_future(store.create_session(new_session(flow.flow_id, "ses_1"), None))
+            await until(lambda: store.queued_writes == 1)
+            store.stop_waiting_by(time.monotonic())
+            with pytest.raises(Unavailable) as info:
+                await asyncio.wait_for(pending, DEADLINE_S)  # not the 30 s lock wait
+            assert info.value.reason == "SHUTTING_DOWN" and info.value.retry_after
+            assert store.writable and False not in rec.health  # the store is fine: the server is stopping
+        with pytest.raises(NotFound):
+            await store.get_session(ENV, "ses_1")
+
+    run(tmp_path, body)

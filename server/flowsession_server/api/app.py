@@ -137,7 +137,11 @@ class FlowsessionServer:
         # server gone, not queued in it to be cancelled.
         self.hub.close()
         self.reflection.close()
-        await self.server.stop(max(0.0, grace - (time.monotonic() - started)))
+        remaining = max(0.0, grace - (time.monotonic() - started))
+        # A write still waiting for another process's lock is refused before the grace ends, with
+        # time left to send that answer; else gRPC would cancel the call and the write land later.
+        self.store.stop_waiting_by(time.monotonic() + remaining - min(0.5, remaining / 4))
+        await self.server.stop(remaining)
         await self.retention.stop()
         await self.expiry.stop()
         await self.feed.stop()

@@ -63,6 +63,12 @@ class Store:
     def writable(self) -> bool:
         return self._writer is not None and self._writer.healthy
 
+    def stop_waiting_by(self, deadline: float) -> None:
+        """Writes waiting for another process's write lock at ``deadline`` (time.monotonic()) are
+        refused with SHUTTING_DOWN."""
+        if self._writer is not None:
+            self._writer.stop_waiting_by(deadline)
+
     async def close(self) -> None:
         """Commits every write already accepted, then closes the connections."""
         if self._writer is not None:

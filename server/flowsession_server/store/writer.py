@@ -19,6 +19,7 @@ import asyncio
 import logging
 import os
 import sqlite3
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ T = TypeVar("T")
 
 # How long BEGIN waits for another process's write lock (on the disk thread) before the batch fails.
 LOCK_WAIT_MS = 30_000
+# The slices of that wait, between which the disk thread sees a shutdown's deadline.
+LOCK_WAIT_SLICE_MS = 50
 
 
 @dataclass
@@ -84,6 +87,8 @@ class Writer:
         self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowsession-writer-disk")
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        # time.monotonic() after which BEGIN stops waiting for another process's lock (shutdown).
+        self._lock_wait_until: float | None = None
         self.healthy = False
         # (first, last) cursor of the events of the batch between COMMIT and on_commit, else None
         # (cleared as soon as a batch ends, however it ends).
@@ -112,6 +117,12 @@ class Writer:
     def queued(self) -> int:
         """Commands submitted and not yet answered: waiting for a batch, or in the one being committed."""
         return len(self._jobs) + self._batch_size
+
+    def stop_waiting_by(self, deadline: float) -> None:
+        """From ``deadline`` (time.monotonic()) on, a batch waiting for another process's write lock is
+        refused with SHUTTING_DOWN (nothing of it was written) instead of waiting up to 30 s: a
+        stopping server answers its calls within its grace rather than have gRPC cancel them."""
+        self._lock_wait_until = deadline
 
     async def close(self) -> None:
         """Refuses new commands, commits every queued one, then closes the connection."""
@@ -174,6 +185,10 @@ class Writer:
             self._set_health(False)
             self._refuse(batch, self._moved)
             return
+        except _GaveUpWaiting:
+            log.warning("shutting down: %d commands waiting for another process's write lock are refused", len(batch))
+            _resolve(self._on_commit, [(job, Unavailable.shutting_down("retry with the same request_id")) for job in batch], [])
+            return
         except sqlite3.Error as exc:
             self.publishing = None  # rolled back: nothing of it will be published
             log.exception("commit failed; %d commands are refused", len(batch))
@@ -213,7 +228,27 @@ class Writer:
         except sqlite3.OperationalError as exc:
             if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
                 raise
-            await self._on_disk(_begin_waiting, conn)  # another process is writing: wait for its lock
+            await self._on_disk(self._begin_waiting, conn)  # another process is writing: wait for its lock
+
+    def _begin_waiting(self, conn: sqlite3.Connection) -> None:
+        """BEGIN IMMEDIATE for up to LOCK_WAIT_MS, in slices, so that a shutdown can end the wait."""
+        give_up = time.monotonic() + LOCK_WAIT_MS / 1000
+        conn.execute(f"PRAGMA busy_timeout={LOCK_WAIT_SLICE_MS}")
+        try:
+            while True:
+                try:
+                    conn.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as exc:
+                    if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                        raise
+                    now = time.monotonic()
+                    if self._lock_wait_until is not None and now >= self._lock_wait_until:
+                        raise _GaveUpWaiting() from None
+                    if now >= give_up:
+                        raise
+        finally:
+            conn.execute("PRAGMA busy_timeout=0")
 
     @staticmethod
     def _run_one(conn: sqlite3.Connection, job: _Job) -> Done[Any] | BaseException:
@@ -243,6 +278,10 @@ class Writer:
                 log.exception("on_health failed")
 
 
+class _GaveUpWaiting(Exception):
+    """BEGIN stopped waiting for another process's lock: the server is shutting down."""
+
+
 class _Moved(Exception):
     def __init__(self, *, committed: bool):
         super().__init__()
@@ -255,14 +294,6 @@ def _identity(path: str) -> tuple[int, int] | None:
     except OSError:  # gone, or its directory unreadable: it cannot be shown to be the same file
         return None
     return st.st_dev, st.st_ino
-
-
-def _begin_waiting(conn: sqlite3.Connection) -> None:
-    conn.execute(f"PRAGMA busy_timeout={LOCK_WAIT_MS}")
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-    finally:
-        conn.execute("PRAGMA busy_timeout=0")
 
 
 def _resolve(on_commit: Callable[[list[SessionEvent]], None], results: list[Result], events: list[SessionEvent]) -> None:
