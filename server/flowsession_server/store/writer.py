@@ -187,7 +187,7 @@ class Writer:
             return
         except _GaveUpWaiting:
             log.warning("shutting down: %d commands waiting for another process's write lock are refused", len(batch))
-            _resolve(self._on_commit, [(job, Unavailable.shutting_down("retry with the same request_id")) for job in batch], [])
+            _resolve(self._on_commit, [(job, Unavailable.shutting_down("nothing of it was written; retry it")) for job in batch], [])
             return
         except sqlite3.Error as exc:
             self.publishing = None  # rolled back: nothing of it will be published
