@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from flowsession.client import CursorExpiredError, FlowsessionError, connect
 from flowsession.v1 import flow_service_pb2 as fpb, session_pb2, session_service_pb2 as spb
 from flowsession_server.api import streams as streams_module, tokens
+from flowsession_server.events import hub as hub_module
 from flowsession_server.domain.errors import DomainError, Unavailable
 from flowsession_server.store import reads
 
@@ -38,6 +39,7 @@ from ..support import (
     rpc_error,
     settings_for,
     wait_until,
+    watcher_count,
 )
 
 
@@ -443,6 +445,29 @@ def test_a_refused_call_leaves_its_error_and_frames_to_no_reference_cycle(client
             for o in gc.garbage
             if isinstance(o, DomainError) or (type(o).__name__ == "frame" and "flowsession_server" in o.f_code.co_filename)
         ]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert left == []
+
+
+def test_a_closed_watch_stream_leaves_its_watcher_to_no_reference_cycle(server, client):
+    """The stream's sender and its hub watcher held each other: every stream's watcher, sender and
+    call state waited for a rare full collection after the stream ended."""
+    flow_id = published_flow(client)
+    sid = new_session(client, flow_id).session.session_id
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        for _ in range(20):
+            stream = client.sessions.WatchSession(spb.WatchSessionRequest(environment="live", session_id=sid), timeout=TIMEOUT)
+            assert next(stream).event.version == 1
+            stream.cancel()
+        wait_until(lambda: watcher_count(server) == 0)
+        gc.collect()
+        left = [o for o in gc.garbage if isinstance(o, (hub_module.Watcher, streams_module._Sender))]
     finally:
         gc.set_debug(0)
         gc.garbage.clear()

@@ -103,6 +103,9 @@ class Watcher:
 
     def close(self) -> None:
         self._hub.unsubscribe(self)
+        # The callback (the stream's sender) holds this watcher: a cycle per stream, freed only by a
+        # rare full collection, would keep the stream's task and call state alive until then.
+        self._on_end = None
 
 
 class Hub:
