@@ -190,3 +190,36 @@ def test_the_feeds_change_signal_moves_on_another_connections_commit_and_not_bef
             await store.close()
 
     asyncio.run(body())
+
+
+def test_a_failed_read_of_the_log_is_retried_without_waiting_for_another_commit(tmp_path: Path) -> None:
+    """The feed reads the log when SQLite's data version moved; a read that fails must not count as
+    done, or another process's commit would wait for the next commit, however long that takes."""
+
+    async def body() -> None:
+        path = db(tmp_path)
+        published: list[SessionEvent] = []
+        store, feed, _ = await _open_with_feed(path, published)
+        other = Store(path, FakeClock(T0))
+        await other.open(Recorder().on_commit, lambda healthy: None)
+        try:
+            flow = await published_flow(store)
+            read_head = store.max_cursor
+            failed: list[bool] = []
+
+            async def failing_once() -> int:
+                if not failed:
+                    failed.append(True)
+                    raise Unavailable("the store could not be read: disk I/O error", reason="STORE_UNAVAILABLE")
+                return await read_head()
+
+            store.max_cursor = failing_once  # type: ignore[method-assign]
+            await create(other, flow.flow_id, "ses_there")  # nothing commits after it
+            await _until(lambda: published)
+            assert failed and [e.session_id for e in published] == ["ses_there"]
+        finally:
+            await other.close()
+            await feed.stop()
+            await store.close()
+
+    asyncio.run(body())

@@ -35,9 +35,11 @@ class Feed(BackgroundLoop):
         self._wake = asyncio.Event()
 
     async def start(self) -> None:
+        # The version first: a commit after it is noticed, whether or not the head read below saw it.
+        version = self._store.data_version()
         self.head_at_start = await self._store.head()
         self.last_cursor = self.head_at_start.cursor
-        self._spawn(self._run())
+        self._spawn(self._run(version))
 
     def on_commit(self, events: list[SessionEvent]) -> None:
         """The writer's callback, on the event loop, in commit order."""
@@ -51,8 +53,8 @@ class Feed(BackgroundLoop):
         for subscriber in self._subscribers:
             subscriber(events)
 
-    async def _run(self) -> None:
-        version = self._store.data_version()
+    async def _run(self, version: int | None) -> None:
+        failing = False  # logged once per outage, not at every poll
         while True:
             try:
                 # asyncio.timeout, not wait_for: no task per poll, and the poll runs 50 times a second.
@@ -75,7 +77,14 @@ class Feed(BackgroundLoop):
                 if head > self.last_cursor and not self._own_commit_covers(head):
                     await self._catch_up()
             except DomainError as exc:
-                log.warning("change feed could not read the log: %s", exc)
+                version = None  # read again at the next poll: the commit it missed changes nothing more
+                if not failing:
+                    log.warning("change feed could not read the log: %s", exc)
+                failing = True
+                continue
+            if failing:
+                log.warning("change feed reads the log again")
+                failing = False
 
     def _own_commit_covers(self, head: int) -> bool:
         """True when every event after the last published one up to ``head`` is this process's own
