@@ -24,15 +24,21 @@ class Retention(BackgroundLoop):
         self._retention = retention
         # Pruning often enough that history overshoots retention by at most a tenth (at most 10 min).
         self._interval = min(retention.total_seconds() / 10, 600.0)
+        # Passes start at a floor (store.commands.prune_events); the first one and one a day after
+        # it read the whole history, for events a clock that stepped back stamped below the floor.
+        self._full_every = max(1, round(86_400 / self._interval))
+        self._passes = 0
 
     def start(self) -> None:
         self._spawn(self._run())
 
     async def prune(self) -> int:
         """Prunes everything due now; returns how many events were removed."""
+        from_start = self._passes % self._full_every == 0
+        self._passes += 1
         total = 0
         while True:
-            removed = await self._store.prune_events(self._retention)
+            removed = await self._store.prune_events(self._retention, from_start=from_start)
             total += removed
             if removed == 0:
                 return total

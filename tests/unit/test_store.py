@@ -43,6 +43,7 @@ from flowsession_server.domain.model import (
 )
 from flowsession_server.store import codec, commands, schema, writer
 from flowsession_server.store.commands import IdempotencyKey, NewSession, Verb
+from flowsession_server.retention import Retention
 from flowsession_server.store.store import Store
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -1035,13 +1036,14 @@ def test_retention_passes_start_at_a_floor_that_never_skips_a_running_sessions_h
         await store.change_session(ENV, "ses_long", report("check", "retry"))
         clock.advance(timedelta(days=8))
         assert await store.prune_events(week) == 1  # ses_done's first event; ses_long is RUNNING
-        assert _prune_floor(store.path) == codec.to_us(T0)  # held back by ses_long, not raised to the cutoff
+        # Held back by ses_long, not raised to the cutoff (less the slack for clocks that disagree).
+        assert _prune_floor(store.path) == codec.to_us(T0) - commands.CLOCK_SLACK_US
         await store.change_session(ENV, "ses_long", abort())
         clock.advance(timedelta(days=1))
         assert await store.prune_events(week) == 2  # ses_long's history, older than the last cutoff
         assert [e.version for e in await store.events_after("ses_long", 0)] == [3]
         assert [e.version for e in await store.events_after("ses_done", 0)] == [2]
-        assert _prune_floor(store.path) == codec.to_us(clock.now() - week)  # nothing RUNNING: the cutoff
+        assert _prune_floor(store.path) == codec.to_us(clock.now() - week) - commands.CLOCK_SLACK_US  # nothing RUNNING
         assert await store.prune_events(week) == 0
 
     run(tmp_path, body, clock)
@@ -1065,3 +1067,55 @@ def test_a_shutdown_deadline_ends_a_wait_for_another_process_lock_and_writes_not
             await store.get_session(ENV, "ses_1")
 
     run(tmp_path, body)
+
+
+@pytest.mark.parametrize("clock_trouble", ["ahead_for_one_pass", "stepped_back_past_retention", "behind_the_creator"])
+def test_retention_still_prunes_everything_due_when_clocks_misbehave(tmp_path: Path, clock_trouble: str) -> None:
+    """The floor comes from clock readings: a pass by a clock a year ahead, a clock stepped back by
+    more than the retention period (NTP), and a step reported by a process whose clock is 2 s behind
+    the one that created the session must not leave history unpruned for good."""
+    clock = FakeClock(T0)
+    week = timedelta(days=7)
+
+    async def body(store: Store, _rec: Recorder) -> None:
+        flow = await published_flow(store, timeout=timedelta(days=30))
+        if clock_trouble == "ahead_for_one_pass":
+            clock.advance(timedelta(days=365))
+            await store.prune_events(week)
+            clock.advance(-timedelta(days=365))
+        elif clock_trouble == "stepped_back_past_retention":
+            await store.prune_events(week)
+            clock.advance(-timedelta(days=10))
+        await create(store, flow.flow_id, "ses_1")
+        if clock_trouble == "behind_the_creator":
+            clock.advance(-timedelta(seconds=2))
+            await store.change_session(ENV, "ses_1", report("check", "retry"))
+            clock.advance(timedelta(seconds=2) + timedelta(days=8))
+            await store.prune_events(week)  # ses_1 RUNNING: the floor stays at its creation
+        else:
+            await store.change_session(ENV, "ses_1", report("check", "retry"))
+        await store.change_session(ENV, "ses_1", abort())
+        clock.advance(timedelta(days=30))
+        if clock_trouble == "stepped_back_past_retention":
+            # Stamped below the floor: only the daily pass from the start finds them.
+            assert await store.prune_events(week) == 0
+            assert await store.prune_events(week, from_start=True) == 2
+        else:
+            assert await store.prune_events(week) == 2
+        assert [e.version for e in await store.events_after("ses_1", 0)] == [3]
+
+    run(tmp_path, body, clock)
+
+
+def test_retention_reads_the_whole_history_on_its_first_pass_and_once_a_day() -> None:
+    calls: list[bool] = []
+
+    class Pruned:
+        async def prune_events(self, retention: timedelta, *, from_start: bool) -> int:
+            calls.append(from_start)
+            return 0
+
+    loop = Retention(Pruned(), timedelta(days=7))  # type: ignore[arg-type]  # a pass every 10 minutes
+    for _ in range(145):
+        asyncio.run(loop.prune())
+    assert [i for i, full in enumerate(calls) if full] == [0, 144]

@@ -345,19 +345,28 @@ def not_found_session(environment: str, session_id: str) -> NotFound:
 
 
 
-def prune_events(limit: int, retention: timedelta, now: datetime) -> Command:
+# How far the clocks of the processes on one file may disagree before retention can miss an event.
+CLOCK_SLACK_US = 3600 * 1_000_000
+
+
+def prune_events(limit: int, retention: timedelta, from_start: bool, now: datetime) -> Command:
     """Deletes up to ``limit`` events older than ``retention``, never one of a RUNNING session and never
     a session's latest event (WatchSession starts from it), and the ended sessions' request ids older
     than that. Value: how many events were deleted.
 
     Every ended session keeps its latest event forever, so reading all old events on each pass would
     take longer with every session ever run. A pass that found everything due (fewer than ``limit``)
-    raises a floor to its cutoff, or to the creation of the oldest RUNNING session if earlier: below
-    it, what is left is latest events of ended sessions, which stay, and later passes start there."""
+    sets a floor at its cutoff, or at the creation of the oldest RUNNING session if earlier, less
+    CLOCK_SLACK: below it, what is left is latest events of ended sessions, which stay, and later
+    passes start there. The slack covers clocks of processes that disagree (an event stamped before
+    its session's creation); a floor above the cutoff (a clock that went back, or ran ahead for one
+    pass) is dropped, and that pass reads everything, as does one ``from_start`` (Retention runs one
+    a day, for events a clock stepped back stamped below the floor)."""
 
     def run(conn: sqlite3.Connection) -> Done[int]:
         cutoff = codec.to_us(now - retention)
-        floor = int(conn.execute("SELECT value FROM meta WHERE key = 'prune_floor_us'").fetchone()["value"])
+        kept = int(conn.execute("SELECT value FROM meta WHERE key = 'prune_floor_us'").fetchone()["value"])
+        floor = kept if kept <= cutoff and not from_start else 0
         rows = conn.execute(
             "SELECT e.cursor, e.session_id, e.version, e.event_us FROM events e JOIN sessions s ON s.session_id = e.session_id "
             "WHERE e.event_us >= ? AND e.event_us < ? AND s.status != 'RUNNING' AND e.version < s.version LIMIT ?",
@@ -382,11 +391,12 @@ def prune_events(limit: int, retention: timedelta, now: datetime) -> Command:
                     [codec.event_tag(top["session_id"], top["version"], top["event_us"])],
                 )
         if len(rows) < limit:
-            # A RUNNING session's events all follow its creation, and an ended session never changes.
+            # A RUNNING session's events follow its creation (give or take the slack), and an ended
+            # session never changes.
             oldest = conn.execute("SELECT MIN(create_us) AS us FROM sessions WHERE status = 'RUNNING'").fetchone()["us"]
-            raised = cutoff if oldest is None else min(cutoff, oldest)
-            if raised > floor:
-                conn.execute("UPDATE meta SET value = ? WHERE key = 'prune_floor_us'", [str(raised)])
+            new_floor = max(0, (cutoff if oldest is None else min(cutoff, oldest)) - CLOCK_SLACK_US)
+            if new_floor != kept:
+                conn.execute("UPDATE meta SET value = ? WHERE key = 'prune_floor_us'", [str(new_floor)])
         return Done(len(cursors))
 
     return run
