@@ -390,6 +390,14 @@ def test_expire_before_deadline_is_refused() -> None:
         assert info.value.reason == "SESSION_NOT_DUE"
 
 
+def test_expiring_an_ended_session_is_session_terminal_with_its_status_and_version() -> None:
+    ended = in_status(SessionStatus.COMPLETED)
+    with pytest.raises(FailedPrecondition) as info:
+        lifecycle.expire(ended, now=DEADLINE + US)
+    assert info.value.reason == "SESSION_TERMINAL"
+    assert info.value.metadata == {"status": "COMPLETED", "version": str(ended.version)}
+
+
 @pytest.mark.parametrize("now", [DEADLINE, DEADLINE + US, DEADLINE + timedelta(days=3)])
 def test_expire_sets_end_time_to_deadline(now: datetime) -> None:
     event = lifecycle.expire(running(), now=now)

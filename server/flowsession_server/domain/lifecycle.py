@@ -153,6 +153,7 @@ def _transition(session: Session, to: SessionStatus, event: EventType, now: date
         raise FailedPrecondition(
             f"session {session.session_id} cannot go from {session.status.value} to {to.value}",
             reason="SESSION_TERMINAL",
+            metadata={"status": session.status.value, "version": str(session.version)},
         )
     changes.setdefault("end_time", now)
     return _change(session, event, now, status=to, **changes)

@@ -43,7 +43,8 @@ class SessionServiceStub:
     OUT_OF_RANGE: VERSION_AHEAD [version], CURSOR_EXPIRED [oldest_cursor; WatchSession: oldest_version].
     RESOURCE_EXHAUSTED: WATCHER_TOO_SLOW [last_cursor or last_version], TOO_MANY_WATCHERS [max_watchers]
     with RetryInfo.
-    UNAVAILABLE: SHUTTING_DOWN (RetryInfo 1 s; an ended watch stream adds [last_cursor or last_version]),
+    UNAVAILABLE: SHUTTING_DOWN (RetryInfo 1 s; an ended watch stream adds [last_cursor or last_version],
+    except a WatchSessions stream that had not handed over its first include_current session),
     SERVER_BUSY (RetryInfo), STORE_UNAVAILABLE (RetryInfo 1 s).
     INTERNAL: INTERNAL (an unexpected server fault, with a generic message).
     Any RPC may fail with UNAVAILABLE (SHUTTING_DOWN, STORE_UNAVAILABLE): nothing of it was done, so
@@ -116,7 +117,8 @@ class SessionServiceServicer:
     OUT_OF_RANGE: VERSION_AHEAD [version], CURSOR_EXPIRED [oldest_cursor; WatchSession: oldest_version].
     RESOURCE_EXHAUSTED: WATCHER_TOO_SLOW [last_cursor or last_version], TOO_MANY_WATCHERS [max_watchers]
     with RetryInfo.
-    UNAVAILABLE: SHUTTING_DOWN (RetryInfo 1 s; an ended watch stream adds [last_cursor or last_version]),
+    UNAVAILABLE: SHUTTING_DOWN (RetryInfo 1 s; an ended watch stream adds [last_cursor or last_version],
+    except a WatchSessions stream that had not handed over its first include_current session),
     SERVER_BUSY (RetryInfo), STORE_UNAVAILABLE (RetryInfo 1 s).
     INTERNAL: INTERNAL (an unexpected server fault, with a generic message).
     Any RPC may fail with UNAVAILABLE (SHUTTING_DOWN, STORE_UNAVAILABLE): nothing of it was done, so
@@ -268,7 +270,8 @@ class SessionService:
     OUT_OF_RANGE: VERSION_AHEAD [version], CURSOR_EXPIRED [oldest_cursor; WatchSession: oldest_version].
     RESOURCE_EXHAUSTED: WATCHER_TOO_SLOW [last_cursor or last_version], TOO_MANY_WATCHERS [max_watchers]
     with RetryInfo.
-    UNAVAILABLE: SHUTTING_DOWN (RetryInfo 1 s; an ended watch stream adds [last_cursor or last_version]),
+    UNAVAILABLE: SHUTTING_DOWN (RetryInfo 1 s; an ended watch stream adds [last_cursor or last_version],
+    except a WatchSessions stream that had not handed over its first include_current session),
     SERVER_BUSY (RetryInfo), STORE_UNAVAILABLE (RetryInfo 1 s).
     INTERNAL: INTERNAL (an unexpected server fault, with a generic message).
     Any RPC may fail with UNAVAILABLE (SHUTTING_DOWN, STORE_UNAVAILABLE): nothing of it was done, so
