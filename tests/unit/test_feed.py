@@ -3,8 +3,10 @@ the writer, and the log is read back only for what another process committed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -34,6 +36,21 @@ async def _open_with_feed(path: str, published: list[SessionEvent]) -> tuple[Sto
     await store.open(feed.on_commit, lambda healthy: None)
     await feed.start()
     return store, feed, reads
+
+
+@contextlib.asynccontextmanager
+async def _two_processes(path: str, published: list[SessionEvent]) -> AsyncIterator[tuple[Store, list[int], Store]]:
+    """This process's store with its feed (as _open_with_feed), and a second store on the same file
+    that stands for another server process; all closed on exit."""
+    store, feed, reads = await _open_with_feed(path, published)
+    other = Store(path, FakeClock(T0))
+    await other.open(Recorder().on_commit, lambda healthy: None)
+    try:
+        yield store, reads, other
+    finally:
+        await other.close()
+        await feed.stop()
+        await store.close()
 
 
 async def _until(condition: Any) -> None:
@@ -97,10 +114,7 @@ def test_another_process_commits_are_read_from_the_log_in_order(tmp_path: Path) 
     async def body() -> None:
         path = db(tmp_path)
         published: list[SessionEvent] = []
-        store, feed, reads = await _open_with_feed(path, published)
-        other = Store(path, FakeClock(T0))  # stands for a second server process on the same file
-        await other.open(Recorder().on_commit, lambda healthy: None)
-        try:
+        async with _two_processes(path, published) as (store, reads, other):
             flow = await published_flow(store)
             await create(store, flow.flow_id, "ses_here")
             await create(other, flow.flow_id, "ses_there")
@@ -109,10 +123,6 @@ def test_another_process_commits_are_read_from_the_log_in_order(tmp_path: Path) 
             assert [(e.session_id, e.version) for e in published] == [("ses_here", 1), ("ses_there", 1), ("ses_here", 2)]
             assert [e.cursor for e in published] == sorted(e.cursor for e in published)
             assert reads  # the other process's event could only come from the log
-        finally:
-            await other.close()
-            await feed.stop()
-            await store.close()
 
     asyncio.run(body())
 
@@ -124,10 +134,7 @@ def test_a_failed_commit_does_not_hide_the_next_process_commits_with_the_same_cu
     async def body() -> None:
         path = db(tmp_path)
         published: list[SessionEvent] = []
-        store, feed, _ = await _open_with_feed(path, published)
-        other = Store(path, FakeClock(T0))
-        await other.open(Recorder().on_commit, lambda healthy: None)
-        try:
+        async with _two_processes(path, published) as (store, _, other):
             flow = await published_flow(store)
             await create(store, flow.flow_id, "ses_1")
             writer = store._writer
@@ -147,10 +154,6 @@ def test_a_failed_commit_does_not_hide_the_next_process_commits_with_the_same_cu
             await create(other, flow.flow_id, "ses_there")
             await _until(lambda: len(published) == 2)
             assert [e.session_id for e in published] == ["ses_1", "ses_there"]
-        finally:
-            await other.close()
-            await feed.stop()
-            await store.close()
 
     asyncio.run(body())
 
@@ -199,10 +202,7 @@ def test_a_failed_read_of_the_log_is_retried_without_waiting_for_another_commit(
     async def body() -> None:
         path = db(tmp_path)
         published: list[SessionEvent] = []
-        store, feed, _ = await _open_with_feed(path, published)
-        other = Store(path, FakeClock(T0))
-        await other.open(Recorder().on_commit, lambda healthy: None)
-        try:
+        async with _two_processes(path, published) as (store, _, other):
             flow = await published_flow(store)
             read_head = store.max_cursor
             failed: list[bool] = []
@@ -217,9 +217,5 @@ def test_a_failed_read_of_the_log_is_retried_without_waiting_for_another_commit(
             await create(other, flow.flow_id, "ses_there")  # nothing commits after it
             await _until(lambda: published)
             assert failed and [e.session_id for e in published] == ["ses_there"]
-        finally:
-            await other.close()
-            await feed.stop()
-            await store.close()
 
     asyncio.run(body())
