@@ -357,7 +357,7 @@ def prune_events(limit: int, retention: timedelta, from_start: bool, now: dateti
     Every ended session keeps its latest event forever, so reading all old events on each pass would
     take longer with every session ever run. A pass that found everything due (fewer than ``limit``)
     sets a floor at its cutoff, or at the creation of the oldest RUNNING session if earlier, less
-    CLOCK_SLACK: below it, what is left is latest events of ended sessions, which stay, and later
+    CLOCK_SLACK_US: below it, what is left is latest events of ended sessions, which stay, and later
     passes start there. The slack covers clocks of processes that disagree (an event stamped before
     its session's creation); a floor above the cutoff (a clock that went back, or ran ahead for one
     pass) is dropped, and that pass reads everything, as does one ``from_start`` (Retention runs one
