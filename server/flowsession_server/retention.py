@@ -35,12 +35,12 @@ class Retention(BackgroundLoop):
     async def prune(self) -> int:
         """Prunes everything due now; returns how many events were removed."""
         from_start = self._passes % self._full_every == 0
-        self._passes += 1
         total = 0
         while True:
             removed = await self._store.prune_events(self._retention, from_start=from_start)
             total += removed
             if removed == 0:
+                self._passes += 1  # only a pass that got through: a failed one is tried again whole
                 return total
 
     async def _run(self) -> None:

@@ -54,7 +54,7 @@ class Feed(BackgroundLoop):
             subscriber(events)
 
     async def _run(self, version: int | None) -> None:
-        failing = False  # logged once per outage, not at every poll
+        backoff = 0.0  # while reads of the log fail: the wait before the next try, doubling up to 1 s
         while True:
             try:
                 # asyncio.timeout, not wait_for: no task per poll, and the poll runs 50 times a second.
@@ -77,14 +77,15 @@ class Feed(BackgroundLoop):
                 if head > self.last_cursor and not self._own_commit_covers(head):
                     await self._catch_up()
             except DomainError as exc:
-                version = None  # read again at the next poll: the commit it missed changes nothing more
-                if not failing:
-                    log.warning("change feed could not read the log: %s", exc)
-                failing = True
+                version = None  # read again: the commit it missed changes nothing more
+                if not backoff:
+                    log.warning("change feed could not read the log: %s; retrying", exc)
+                backoff = min(1.0, max(self._poll_interval, backoff * 2))
+                await asyncio.sleep(backoff)  # a retry period, not synchronisation
                 continue
-            if failing:
-                log.warning("change feed reads the log again")
-                failing = False
+            if backoff:
+                log.info("change feed reads the log again")
+                backoff = 0.0
 
     def _own_commit_covers(self, head: int) -> bool:
         """True when every event after the last published one up to ``head`` is this process's own
