@@ -34,14 +34,17 @@ class Retention(BackgroundLoop):
 
     async def prune(self) -> int:
         """Prunes everything due now; returns how many events were removed."""
-        from_start = self._passes % self._full_every == 0
+        # From the floor, or from the start, each call then going on where the one before got to.
+        from_us = 0 if self._passes % self._full_every == 0 else None
         total = 0
         while True:
-            removed = await self._store.prune_events(self._retention, from_start=from_start)
-            total += removed
-            if removed == 0:
+            pruned = await self._store.prune_events(self._retention, from_us=from_us)
+            total += pruned.removed
+            if pruned.removed == 0:
                 self._passes += 1  # only a pass that got through: a failed one is tried again whole
                 return total
+            if from_us is not None:
+                from_us = pruned.through_us
 
     async def _run(self) -> None:
         while True:

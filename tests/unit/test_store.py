@@ -1035,16 +1035,16 @@ def test_retention_passes_start_at_a_floor_that_never_skips_a_running_sessions_h
         await create(store, flow.flow_id, "ses_long")
         await store.change_session(ENV, "ses_long", report("check", "retry"))
         clock.advance(timedelta(days=8))
-        assert await store.prune_events(week) == 1  # ses_done's first event; ses_long is RUNNING
+        assert (await store.prune_events(week)).removed == 1  # ses_done's first event; ses_long is RUNNING
         # Held back by ses_long, not raised to the cutoff (less the slack for clocks that disagree).
         assert _prune_floor(store.path) == codec.to_us(T0) - commands.CLOCK_SLACK_US
         await store.change_session(ENV, "ses_long", abort())
         clock.advance(timedelta(days=1))
-        assert await store.prune_events(week) == 2  # ses_long's history, older than the last cutoff
+        assert (await store.prune_events(week)).removed == 2  # ses_long's history, older than the last cutoff
         assert [e.version for e in await store.events_after("ses_long", 0)] == [3]
         assert [e.version for e in await store.events_after("ses_done", 0)] == [2]
         assert _prune_floor(store.path) == codec.to_us(clock.now() - week) - commands.CLOCK_SLACK_US  # nothing RUNNING
-        assert await store.prune_events(week) == 0
+        assert (await store.prune_events(week)).removed == 0
 
     run(tmp_path, body, clock)
 
@@ -1098,28 +1098,57 @@ def test_retention_still_prunes_everything_due_when_clocks_misbehave(tmp_path: P
         clock.advance(timedelta(days=30))
         if clock_trouble == "stepped_back_past_retention":
             # Stamped below the floor: only the daily pass from the start finds them.
-            assert await store.prune_events(week) == 0
-            assert await store.prune_events(week, from_start=True) == 2
+            assert (await store.prune_events(week)).removed == 0
+            assert (await store.prune_events(week, from_us=0)).removed == 2
         else:
-            assert await store.prune_events(week) == 2
+            assert (await store.prune_events(week)).removed == 2
         assert [e.version for e in await store.events_after("ses_1", 0)] == [3]
 
     run(tmp_path, body, clock)
 
 
 def test_retention_reads_the_whole_history_on_its_first_pass_and_once_a_day() -> None:
-    calls: list[bool] = []
+    calls: list[int | None] = []
 
-    class Pruned:
-        async def prune_events(self, retention: timedelta, *, from_start: bool) -> int:
-            calls.append(from_start)
+    class Pruning:
+        async def prune_events(self, retention: timedelta, *, from_us: int | None) -> commands.Pruned:
+            calls.append(from_us)
             if len(calls) == 1:  # the first pass fails: the next one must still read everything
                 raise Unavailable("the store could not be read: disk I/O error", reason="STORE_UNAVAILABLE")
-            return 5000 if len(calls) == 2 else 0  # then one pass takes two calls, both from the start
+            # Then one pass takes two calls: the second goes on from where the first got to.
+            return commands.Pruned(5000, 777) if len(calls) == 2 else commands.Pruned(0, 0)
 
-    loop = Retention(Pruned(), timedelta(days=7))  # type: ignore[arg-type]  # a pass every 10 minutes
+    loop = Retention(Pruning(), timedelta(days=7))  # type: ignore[arg-type]  # a pass every 10 minutes
     with pytest.raises(Unavailable):
         asyncio.run(loop.prune())
     for _ in range(145):
         asyncio.run(loop.prune())
-    assert [i for i, full in enumerate(calls) if full] == [0, 1, 2, 146]
+    assert [(i, at) for i, at in enumerate(calls) if at is not None] == [(0, 0), (1, 0), (2, 777), (146, 0)]
+
+
+def test_a_pass_from_the_start_goes_on_from_where_each_call_got_to(tmp_path: Path) -> None:
+    clock = FakeClock(T0)
+    week = timedelta(days=7)
+
+    async def body(store: Store, _rec: Recorder) -> None:
+        flow = await published_flow(store)
+        for n in range(3):
+            await create(store, flow.flow_id, f"ses_{n}")
+            await store.change_session(ENV, f"ses_{n}", report("check", "retry"))
+            await store.change_session(ENV, f"ses_{n}", abort())
+            clock.advance(timedelta(seconds=1))
+        clock.advance(timedelta(days=8))
+        removed, at, calls = 0, 0, 0
+        while True:
+            pruned = await store.prune_events(week, limit=2, from_us=at)
+            calls += 1
+            removed += pruned.removed
+            if pruned.removed == 0:
+                break
+            assert pruned.through_us >= at  # never back to the start
+            at = pruned.through_us
+        assert (removed, calls) == (6, 4)
+        for n in range(3):
+            assert [e.version for e in await store.events_after(f"ses_{n}", 0)] == [3]
+
+    run(tmp_path, body, clock)

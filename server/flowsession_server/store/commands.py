@@ -349,10 +349,16 @@ def not_found_session(environment: str, session_id: str) -> NotFound:
 CLOCK_SLACK_US = 3600 * 1_000_000
 
 
-def prune_events(limit: int, retention: timedelta, from_start: bool, now: datetime) -> Command:
+@dataclass(frozen=True)
+class Pruned:
+    removed: int
+    through_us: int  # the scan got this far (event times): where a pass from the start goes on
+
+
+def prune_events(limit: int, retention: timedelta, from_us: int | None, now: datetime) -> Command:
     """Deletes up to ``limit`` events older than ``retention``, never one of a RUNNING session and never
     a session's latest event (WatchSession starts from it), and the ended sessions' request ids older
-    than that. Value: how many events were deleted.
+    than that. Value: a Pruned.
 
     Every ended session keeps its latest event forever, so reading all old events on each pass would
     take longer with every session ever run. A pass that found everything due (fewer than ``limit``)
@@ -360,16 +366,18 @@ def prune_events(limit: int, retention: timedelta, from_start: bool, now: dateti
     CLOCK_SLACK_US: below it, what is left is latest events of ended sessions, which stay, and later
     passes start there. The slack covers clocks of processes that disagree (an event stamped before
     its session's creation); a floor above the cutoff (a clock that went back, or ran ahead for one
-    pass) is dropped, and that pass reads everything, as does one ``from_start`` (Retention runs one
-    a day, for events a clock stepped back stamped below the floor)."""
+    pass) is dropped, and that pass reads everything, as does one given ``from_us`` (Retention runs
+    one from 0 a day, for events a clock stepped back stamped below the floor, each call going on
+    from the ``through_us`` of the one before)."""
 
-    def run(conn: sqlite3.Connection) -> Done[int]:
+    def run(conn: sqlite3.Connection) -> Done[Pruned]:
         cutoff = codec.to_us(now - retention)
         kept = int(conn.execute("SELECT value FROM meta WHERE key = 'prune_floor_us'").fetchone()["value"])
-        floor = kept if kept <= cutoff and not from_start else 0
+        floor = from_us if from_us is not None else kept if kept <= cutoff else 0
         rows = conn.execute(
             "SELECT e.cursor, e.session_id, e.version, e.event_us FROM events e JOIN sessions s ON s.session_id = e.session_id "
-            "WHERE e.event_us >= ? AND e.event_us < ? AND s.status != 'RUNNING' AND e.version < s.version LIMIT ?",
+            "WHERE e.event_us >= ? AND e.event_us < ? AND s.status != 'RUNNING' AND e.version < s.version "
+            "ORDER BY e.event_us LIMIT ?",
             [floor, cutoff, limit],
         ).fetchall()
         cursors = [r["cursor"] for r in rows]
@@ -397,6 +405,6 @@ def prune_events(limit: int, retention: timedelta, from_start: bool, now: dateti
             new_floor = max(0, (cutoff if oldest is None else min(cutoff, oldest)) - CLOCK_SLACK_US)
             if new_floor != kept:
                 conn.execute("UPDATE meta SET value = ? WHERE key = 'prune_floor_us'", [str(new_floor)])
-        return Done(len(cursors))
+        return Done(Pruned(len(cursors), rows[-1]["event_us"] if rows else floor))
 
     return run

@@ -231,9 +231,9 @@ class Store:
     async def oldest_position(self) -> LogPosition:
         return await self._read(reads.oldest_position)
 
-    async def prune_events(self, retention: timedelta, *, limit: int = 5000, from_start: bool = False) -> int:
-        """One pass of retention (see commands.prune_events); ``from_start`` reads below the floor too."""
-        return await self._write(commands.prune_events, limit, retention, from_start)
+    async def prune_events(self, retention: timedelta, *, limit: int = 5000, from_us: int | None = None) -> commands.Pruned:
+        """One call of retention (see commands.prune_events): from the floor, or from ``from_us``."""
+        return await self._write(commands.prune_events, limit, retention, from_us)
 
     async def next_expiry(self) -> datetime | None:
         due = await self._read(reads.next_expiry_us)
