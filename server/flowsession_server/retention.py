@@ -34,17 +34,18 @@ class Retention(BackgroundLoop):
 
     async def prune(self) -> int:
         """Prunes everything due now; returns how many events were removed."""
-        # From the floor, or from the start, each call then going on where the one before got to.
-        from_us = 0 if self._passes % self._full_every == 0 else None
         total = 0
-        while True:
-            pruned = await self._store.prune_events(self._retention, from_us=from_us)
+        if self._passes % self._full_every == 0:
+            # From the start, each call going on where the one before got to...
+            at = 0
+            while (pruned := await self._store.prune_events(self._retention, from_us=at)).removed:
+                total += pruned.removed
+                at = pruned.through_us
+        # ...and from the floor: what ended meanwhile, and the floor's next value.
+        while (pruned := await self._store.prune_events(self._retention)).removed:
             total += pruned.removed
-            if pruned.removed == 0:
-                self._passes += 1  # only a pass that got through: a failed one is tried again whole
-                return total
-            if from_us is not None:
-                from_us = pruned.through_us
+        self._passes += 1  # only a pass that got through: a failed one is tried again whole
+        return total
 
     async def _run(self) -> None:
         while True:

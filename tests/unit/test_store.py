@@ -1111,7 +1111,7 @@ def test_retention_reads_the_whole_history_on_its_first_pass_and_once_a_day() ->
     calls: list[int | None] = []
 
     class Pruning:
-        async def prune_events(self, retention: timedelta, *, from_us: int | None) -> commands.Pruned:
+        async def prune_events(self, retention: timedelta, *, from_us: int | None = None) -> commands.Pruned:
             calls.append(from_us)
             if len(calls) == 1:  # the first pass fails: the next one must still read everything
                 raise Unavailable("the store could not be read: disk I/O error", reason="STORE_UNAVAILABLE")
@@ -1123,7 +1123,10 @@ def test_retention_reads_the_whole_history_on_its_first_pass_and_once_a_day() ->
         asyncio.run(loop.prune())
     for _ in range(145):
         asyncio.run(loop.prune())
-    assert [(i, at) for i, at in enumerate(calls) if at is not None] == [(0, 0), (1, 0), (2, 777), (146, 0)]
+    # Call 0 fails; the next pass reads from 0, goes on from 777, then from the floor (call 3); every
+    # pass after it one call from the floor, until the 144th pass after the first reads from 0 again.
+    assert [(i, at) for i, at in enumerate(calls) if at is not None] == [(0, 0), (1, 0), (2, 777), (147, 0)]
+    assert calls[3] is None and len(calls) == 149
 
 
 def test_a_pass_from_the_start_goes_on_from_where_each_call_got_to(tmp_path: Path) -> None:

@@ -398,7 +398,9 @@ def prune_events(limit: int, retention: timedelta, from_us: int | None, now: dat
                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('pruned_tag', ?)",
                     [codec.event_tag(top["session_id"], top["version"], top["event_us"])],
                 )
-        if len(rows) < limit:
+        # Only a call that read everything from its floor up in one snapshot may set the floor: one
+        # going on from an earlier call can miss a session that ended in between.
+        if len(rows) < limit and not from_us:
             # A RUNNING session's events follow its creation (give or take the slack), and an ended
             # session never changes.
             oldest = conn.execute("SELECT MIN(create_us) AS us FROM sessions WHERE status = 'RUNNING'").fetchone()["us"]
