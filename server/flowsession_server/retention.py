@@ -32,6 +32,11 @@ class Retention(BackgroundLoop):
     def start(self) -> None:
         self._spawn(self._run())
 
+    @property
+    def passes(self) -> int:
+        """Passes completed."""
+        return self._passes
+
     async def prune(self) -> int:
         """Prunes everything due now; returns how many events were removed."""
         total = 0
