@@ -221,3 +221,36 @@ def test_a_failed_read_of_the_log_is_retried_without_waiting_for_another_commit(
             assert failed and [e.session_id for e in published] == ["ses_there"]
 
     asyncio.run(body())
+
+
+def test_a_commit_right_after_the_feeds_starting_head_is_published(tmp_path: Path) -> None:
+    """The feed starts from the log's head and then looks only when SQLite's data version moves: a
+    commit landing between the two must count as a move, or it would wait for the next commit."""
+
+    async def body() -> None:
+        path = db(tmp_path)
+        other = Store(path, FakeClock(T0))
+        await other.open(Recorder().on_commit, lambda healthy: None)
+        store = Store(path, FakeClock(T0))
+        published: list[SessionEvent] = []
+        feed = Feed(store, [published.extend], poll_interval=POLL)
+        try:
+            flow = await published_flow(other)
+            await store.open(feed.on_commit, lambda healthy: None)
+            read_head = store.head
+
+            async def head_then_another_commit() -> Any:
+                position = await read_head()
+                await create(other, flow.flow_id, "ses_there")  # after the head the feed starts from
+                return position
+
+            store.head = head_then_another_commit  # type: ignore[method-assign]
+            await feed.start()
+            await _until(lambda: published)  # nothing commits after it
+            assert [e.session_id for e in published] == ["ses_there"]
+        finally:
+            await feed.stop()
+            await store.close()
+            await other.close()
+
+    asyncio.run(body())
