@@ -82,13 +82,14 @@ def test_a_head_read_between_commit_and_publication_does_not_read_the_log(tmp_pa
             store.max_cursor = head  # type: ignore[method-assign]
             writer = store._writer
             assert writer is not None
+            writer._slow_commit = 0.0  # commits on the disk thread, as when they are slow: the loop goes on meanwhile
             on_disk = writer._on_disk
 
             async def commit_then_hold(fn: Any, *args: Any) -> Any:
                 # Holds the writer after COMMIT until the feed has read the new head.
                 nonlocal landed
                 result = await on_disk(fn, *args)
-                if fn == writer._commit:
+                if fn == writer._timed_commit:
                     landed = True
                     await _until(lambda: heads_after_landing)
                     landed = False
@@ -139,15 +140,13 @@ def test_a_failed_commit_does_not_hide_the_next_process_commits_with_the_same_cu
             await create(store, flow.flow_id, "ses_1")
             writer = store._writer
             assert writer is not None
-            on_disk = writer._on_disk
+            commit = writer._commit
 
-            async def failing_commit(fn: Any, *args: Any) -> Any:
-                if fn == writer._commit:
-                    writer._on_disk = on_disk  # type: ignore[method-assign]  # once
-                    raise sqlite3.OperationalError("disk I/O error")
-                return await on_disk(fn, *args)
+            def failing_commit(conn: sqlite3.Connection) -> None:
+                writer._commit = commit  # type: ignore[method-assign]  # once
+                raise sqlite3.OperationalError("disk I/O error")
 
-            writer._on_disk = failing_commit  # type: ignore[method-assign]
+            writer._commit = failing_commit  # type: ignore[method-assign]
             with pytest.raises(Unavailable):
                 await create(store, flow.flow_id, "ses_lost")
             assert store.publishing is None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import contextlib
+import shutil
 import sqlite3
 import threading
 import time
@@ -893,6 +894,79 @@ def test_the_write_connection_runs_the_synchronous_mode_asked_for(tmp_path: Path
             await store.close()
 
     asyncio.run(body())
+
+
+def test_commits_run_on_the_loop_while_fast_and_on_the_disk_thread_once_slow(tmp_path: Path) -> None:
+    """A commit handed to a thread waits for that thread to win the GIL back (to start and to report):
+    milliseconds of delivery latency under load. So fast commits run on the loop; once commits are slow
+    (a slow disk) they run on the disk thread, and the loop serves reads meanwhile; fast again, they
+    come back."""
+
+    async def body(store: Store, rec: Recorder) -> None:
+        w = store._writer
+        assert w is not None
+        flow = await published_flow(store)
+        await create(store, flow.flow_id, "ses_1")
+        assert w.commits_on_loop >= 3 and w.commits_on_disk == 0
+        timed_commit = w._timed_commit
+        w._timed_commit = lambda conn: timed_commit(conn) + 20 * w._slow_commit  # type: ignore[method-assign]
+        await store.change_session(ENV, "ses_1", report("check", "retry"))  # reported slow
+        w._timed_commit = timed_commit  # type: ignore[method-assign]
+
+        release = threading.Event()
+        commit = w._commit
+
+        def held_commit(conn: sqlite3.Connection) -> None:
+            assert release.wait(DEADLINE_S)  # a disk that takes its time
+            commit(conn)
+
+        w._commit = held_commit  # type: ignore[method-assign]
+        on_disk = w.commits_on_disk
+        change = asyncio.ensure_future(store.change_session(ENV, "ses_1", report("check", "retry")))
+        read = await store.get_session(ENV, "ses_1")  # served while that commit waits on the disk thread
+        assert read.version == 2 and not change.done() and w.commits_on_disk == on_disk + 1
+        release.set()
+        assert (await change).version == 3
+        w._commit = commit  # type: ignore[method-assign]
+
+        on_loop = w.commits_on_loop
+        for _ in range(100):  # the average falls back under the limit after a few fast commits
+            await store.change_session(ENV, "ses_1", report("check", "retry"))
+            if w.commits_on_loop > on_loop:
+                break
+        assert w.commits_on_loop > on_loop
+
+    run(tmp_path, body)
+
+
+def test_checkpoints_copy_the_wal_into_the_database_file_outside_the_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SQLite's automatic checkpoint runs inside COMMIT, which runs on the loop: it is off, and the disk
+    thread checkpoints instead. Without that, the database file would never get the committed pages and
+    the WAL would grow without end."""
+    monkeypatch.setattr(writer, "CHECKPOINT_COMMITS", 8)
+
+    async def body(store: Store, rec: Recorder) -> None:
+        w = store._writer
+        assert w is not None and w._conn is not None
+        assert w._conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
+        flow = await published_flow(store)
+        for i in range(10):
+            await create(store, flow.flow_id, f"ses_{i}")
+        async with asyncio.timeout(DEADLINE_S):
+            while w.checkpoints == 0:
+                await asyncio.sleep(0.01)  # polls a condition under a deadline
+        # The database file alone (without its WAL) now holds what was committed before the checkpoint.
+        alone = tmp_path / "alone.db"
+        shutil.copyfile(db(tmp_path), alone)
+        copy = sqlite3.connect(alone)
+        try:
+            assert copy.execute("SELECT count(*) FROM sessions").fetchone()[0] >= 5
+        finally:
+            copy.close()
+
+    run(tmp_path, body)
 
 
 @pytest.mark.parametrize("how", ["removed", "moved"])

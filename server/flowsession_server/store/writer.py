@@ -6,12 +6,20 @@ asyncio future. Committed events are handed to ``on_commit`` in commit order, be
 futures resolve.
 
 Where the work runs: the commands and their statements run on the event loop (Python and SQLite's
-page-cache work, which held the GIL most of the time anyway), and only what waits runs on the
-writer's disk thread: COMMIT (the fsync) and, when another process holds the write lock, BEGIN. So
-the loop never waits on the disk or on another process. A writer thread running the statements
-itself had to win the GIL back from the busy event loop after every statement, which delayed each
-commit: in the bench, watch delivery p99 at 1,000 changes/s was 2-9x lower with this split, at the
-same CPU per change.
+page-cache work, which held the GIL most of the time anyway). COMMIT (the fsync) runs on the loop too
+while commits are fast: the sqlite3 module releases the GIL for it, and a commit handed to a thread
+waited twice for that thread to win the GIL back from the busy loop (to start, and to report back),
+which in the bench made watch delivery at 1,000 changes/s 2-4x slower (p50 2-3 ms, p99 7-16 ms, against
+0.8-1 ms and 2.5-4.3 ms on the loop) and cost more CPU per change. When commits get slow (a slow or busy
+disk: their moving average passes ``slow_commit``), they move to the writer's disk thread so the loop
+keeps serving reads and streams meanwhile; so does BEGIN whenever another process holds the write lock.
+The price of the loop commit: at saturation the loop waits out each fsync instead of overlapping it, so
+a process takes about a third fewer changes/s in a closed loop (README, Benchmark).
+
+Checkpoints (copying the WAL back into the database file) never run inside COMMIT (the connection's
+automatic checkpoint is off, as it would stall the loop for milliseconds): every CHECKPOINT_COMMITS
+commits or CHECKPOINT_ROWS changed rows, the writer runs a PASSIVE one on the disk thread between
+two batches.
 """
 from __future__ import annotations
 
@@ -36,6 +44,13 @@ T = TypeVar("T")
 LOCK_WAIT_MS = 30_000
 # The slices of that wait, between which the disk thread sees a shutdown's deadline.
 LOCK_WAIT_SLICE_MS = 50
+# COMMIT runs on the loop while the moving average of commit times stays under this (seconds).
+SLOW_COMMIT_S = 0.002
+# The moving average's weight of the latest commit.
+COMMIT_AVERAGE_WEIGHT = 1 / 8
+# A checkpoint after this many commits or changed rows (about SQLite's default 1,000 WAL pages).
+CHECKPOINT_COMMITS = 100
+CHECKPOINT_ROWS = 500
 
 
 @dataclass
@@ -69,12 +84,19 @@ class Writer:
         on_commit: Callable[[list[SessionEvent]], None],
         on_health: Callable[[bool], None],
         max_batch: int = 512,
+        slow_commit: float = SLOW_COMMIT_S,
     ):
         self._path = path
         self._synchronous = synchronous
         self._on_commit = on_commit
         self._on_health = on_health
         self._max_batch = max_batch
+        self._slow_commit = slow_commit
+        self._commit_time = 0.0  # moving average, seconds
+        self.commits_on_loop = 0
+        self.commits_on_disk = 0
+        self._since_checkpoint = (0, 0)  # (commits, conn.total_changes) at the last checkpoint
+        self.checkpoints = 0
         self._jobs: deque[_Job] = deque()
         self._batch_size = 0  # commands of the batch being committed
         self._wake = asyncio.Event()
@@ -100,6 +122,7 @@ class Writer:
         self._file = _identity(self._path)
         # On the loop a busy lock must fail at once; BEGIN then waits for it on the disk thread.
         self._conn.execute("PRAGMA busy_timeout=0")
+        self._conn.execute("PRAGMA wal_autocheckpoint=0")  # see _checkpoint
         self.healthy = True
         self._task = loop.create_task(self._run(), name="flowsession-writer")
 
@@ -158,6 +181,8 @@ class Writer:
             finally:
                 self.publishing = None
                 self._batch_size = 0
+            if self._checkpoint_due():
+                await self._checkpoint()
 
     async def _commit_batch(self, batch: list[_Job]) -> None:
         conn = self._conn
@@ -173,7 +198,13 @@ class Writer:
             events = [ev for _, done in results if isinstance(done, Done) for ev in done.events]
             if events:
                 self.publishing = (events[0].cursor, events[-1].cursor)
-            await self._on_disk(self._commit, conn)
+            if self._commit_time < self._slow_commit:
+                self.commits_on_loop += 1
+                took = self._timed_commit(conn)
+            else:
+                self.commits_on_disk += 1
+                took = await self._on_disk(self._timed_commit, conn)
+            self._commit_time += (took - self._commit_time) * COMMIT_AVERAGE_WEIGHT
         except _Moved as exc:
             self.publishing = None
             self._moved = f"the database file {self._path} was removed or moved away while open; restart the server"
@@ -199,8 +230,35 @@ class Writer:
         self._set_health(True)
         _resolve(self._on_commit, results, events)
 
+    def _timed_commit(self, conn: sqlite3.Connection) -> float:
+        """COMMIT; returns the seconds it took (on the disk thread: with the wait for the GIL after it,
+        so a busy loop keeps commits there, where they do not hold it up)."""
+        start = time.perf_counter()
+        self._commit(conn)
+        return time.perf_counter() - start
+
+    def _checkpoint_due(self) -> bool:
+        assert self._conn is not None
+        commits, rows = self._since_checkpoint
+        done = self.commits_on_loop + self.commits_on_disk
+        return done - commits >= CHECKPOINT_COMMITS or self._conn.total_changes - rows >= CHECKPOINT_ROWS
+
+    async def _checkpoint(self) -> None:
+        """A PASSIVE checkpoint (it never waits for a lock) on the disk thread, between batches: a
+        checkpoint racing the next commits never catches up with them, so the WAL would never start
+        over and grow without end. The next batch waits for it, as it waited for the automatic one
+        inside COMMIT; the loop does not."""
+        conn = self._conn
+        assert conn is not None
+        self._since_checkpoint = (self.commits_on_loop + self.commits_on_disk, conn.total_changes)
+        try:
+            await self._on_disk(lambda: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
+            self.checkpoints += 1
+        except sqlite3.Error:
+            log.exception("checkpoint failed; the WAL grows until one succeeds")
+
     def _commit(self, conn: sqlite3.Connection) -> None:
-        """COMMIT, on the disk thread, only while the database file is still at its path. In WAL mode
+        """COMMIT, only while the database file is still at its path. In WAL mode
         SQLite goes on committing into a file that was deleted or moved away (it has no
         SQLITE_READONLY_DBMOVED check there): those writes would be lost, or split from a process that
         opens a new file at the path. Checked again after COMMIT for a move in between."""
