@@ -9,12 +9,13 @@ Where the work runs: the commands and their statements run on the event loop (Py
 page-cache work, which held the GIL most of the time anyway). COMMIT (the fsync) runs on the loop too
 while commits are fast: the sqlite3 module releases the GIL for it, and a commit handed to a thread
 waited twice for that thread to win the GIL back from the busy loop (to start, and to report back),
-which in the bench made watch delivery at 1,000 changes/s 2-4x slower (p50 2-3 ms, p99 7-16 ms, against
-0.8-1 ms and 2.5-4.3 ms on the loop) and cost more CPU per change. When commits get slow (a slow or busy
+which in the bench made watch delivery at 1,000 changes/s 3-17x slower (p50 2-3 ms, p99 8-44 ms, against
+0.8 ms and 2.5 ms on the loop) and cost more CPU per change. When commits get slow (a slow or busy
 disk: their moving average passes ``slow_commit``), they move to the writer's disk thread so the loop
 keeps serving reads and streams meanwhile; so does BEGIN whenever another process holds the write lock.
-The price of the loop commit: at saturation the loop waits out each fsync instead of overlapping it, so
-a process takes about a third fewer changes/s in a closed loop (README, Benchmark).
+The price of the loop commit: at saturation the loop waits out each fsync instead of working meanwhile,
+and fewer commands share a commit. The bench's closed loops lost 0-6% of their status changes/s, but a
+closed loop over 2,000 sessions dropped from about 2,100 to 1,400 changes/s (README, Group commit).
 
 Checkpoints (copying the WAL back into the database file) never run inside COMMIT (the connection's
 automatic checkpoint is off, as it would stall the loop for milliseconds): every CHECKPOINT_COMMITS
