@@ -909,25 +909,28 @@ def test_commits_run_on_the_loop_while_fast_and_on_the_disk_thread_once_slow(tmp
         await create(store, flow.flow_id, "ses_1")
         assert w.commits_on_loop >= 3 and w.commits_on_disk == 0
         timed_commit = w._timed_commit
-        w._timed_commit = lambda conn: timed_commit(conn) + 20 * w._slow_commit  # type: ignore[method-assign]
-        await store.change_session(ENV, "ses_1", report("check", "retry"))  # reported slow
+        slow = (w._slow_commit + writer.STALLED_COMMIT_S) / 2  # slow, not stalled
+        w._timed_commit = lambda conn: max(slow, timed_commit(conn))  # type: ignore[method-assign]
+        while w.commits_on_disk == 0:  # the moving average passes the limit after a few slow commits
+            assert w.commits_on_loop < 100
+            await store.change_session(ENV, "ses_1", report("check", "retry"))
         w._timed_commit = timed_commit  # type: ignore[method-assign]
 
         release = threading.Event()
-        commit = w._commit
 
-        def held_commit(conn: sqlite3.Connection) -> None:
-            assert release.wait(DEADLINE_S)  # a disk that takes its time
-            commit(conn)
+        def held_commit(conn: sqlite3.Connection) -> float:
+            assert release.wait(DEADLINE_S)  # a disk that takes its time (reported fast: no stall)
+            return timed_commit(conn)
 
-        w._commit = held_commit  # type: ignore[method-assign]
+        w._timed_commit = held_commit  # type: ignore[method-assign]
         on_disk = w.commits_on_disk
+        version = (await store.get_session(ENV, "ses_1")).version
         change = asyncio.ensure_future(store.change_session(ENV, "ses_1", report("check", "retry")))
         read = await store.get_session(ENV, "ses_1")  # served while that commit waits on the disk thread
-        assert read.version == 2 and not change.done() and w.commits_on_disk == on_disk + 1
+        assert read.version == version and not change.done() and w.commits_on_disk == on_disk + 1
         release.set()
-        assert (await change).version == 3
-        w._commit = commit  # type: ignore[method-assign]
+        assert (await change).version == version + 1
+        w._timed_commit = timed_commit  # type: ignore[method-assign]
 
         on_loop = w.commits_on_loop
         for _ in range(100):  # the average falls back under the limit after a few fast commits
@@ -935,6 +938,31 @@ def test_commits_run_on_the_loop_while_fast_and_on_the_disk_thread_once_slow(tmp
             if w.commits_on_loop > on_loop:
                 break
         assert w.commits_on_loop > on_loop
+
+    run(tmp_path, body)
+
+
+def test_a_stalled_commit_keeps_commits_on_the_disk_thread_for_a_while(tmp_path: Path) -> None:
+    """The first commit of a disk stall cannot be foreseen and blocks the loop; the ones after it, even
+    fast, stay on the disk thread for DISK_HOLD_S, so a disk stalling now and then does not stall the
+    loop at every stall."""
+
+    async def body(store: Store, rec: Recorder) -> None:
+        w = store._writer
+        assert w is not None
+        flow = await published_flow(store)
+        timed_commit = w._timed_commit
+        w._timed_commit = lambda conn: timed_commit(conn) + writer.STALLED_COMMIT_S  # type: ignore[method-assign]
+        await create(store, flow.flow_id, "ses_1")  # on the loop: nothing said the disk would stall
+        w._timed_commit = timed_commit  # type: ignore[method-assign]
+        assert w._disk_until >= time.monotonic() + writer.DISK_HOLD_S - 1
+        on_loop, on_disk = w.commits_on_loop, w.commits_on_disk
+        for _ in range(20):  # fast commits, the average back under the limit: still on the disk thread
+            await store.change_session(ENV, "ses_1", report("check", "retry"))
+        assert w.commits_on_loop == on_loop and w.commits_on_disk == on_disk + 20
+        w._disk_until = time.monotonic()  # as when DISK_HOLD_S has passed without another stall
+        await store.change_session(ENV, "ses_1", report("check", "retry"))
+        assert w.commits_on_loop == on_loop + 1
 
     run(tmp_path, body)
 
@@ -965,6 +993,46 @@ def test_checkpoints_copy_the_wal_into_the_database_file_outside_the_commit(
             assert copy.execute("SELECT count(*) FROM sessions").fetchone()[0] >= 5
         finally:
             copy.close()
+
+    run(tmp_path, body)
+
+
+def test_while_the_wal_is_long_the_writer_checkpoints_after_every_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The WAL starts over only after a checkpoint copied all of it before the next commit. With another
+    process appending all the time, a checkpoint every 100 commits seldom did (with two servers the WAL
+    reached 253 MB in a minute), so while it is long the writer checkpoints after every batch, and goes
+    back to every 100 commits once it started over. A reader holding an old snapshot keeps it long here."""
+    monkeypatch.setattr(writer, "CHECKPOINT_FRAMES", 10)
+    path = db(tmp_path)
+
+    async def body(store: Store, rec: Recorder) -> None:
+        w = store._writer
+        assert w is not None
+        flow = await published_flow(store)
+        await create(store, flow.flow_id, "ses_1")
+        reader = sqlite3.connect(path, isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM sessions").fetchall()  # a snapshot the checkpoint cannot pass
+        try:
+            while w.checkpoints == 0:
+                assert w.commits_on_loop + w.commits_on_disk <= writer.CHECKPOINT_COMMITS + 5
+                await store.change_session(ENV, "ses_1", report("check", "retry"))
+            assert w._wal_frames > writer.CHECKPOINT_FRAMES
+            for n in range(1, 6):
+                await store.change_session(ENV, "ses_1", report("check", "retry"))
+                assert w.checkpoints == 1 + n  # one after each batch
+        finally:
+            reader.execute("COMMIT")
+            reader.close()
+        for _ in range(3):  # copies everything now; the next commit starts the WAL over
+            await store.change_session(ENV, "ses_1", report("check", "retry"))
+        assert w._wal_frames <= writer.CHECKPOINT_FRAMES
+        checkpoints = w.checkpoints
+        for _ in range(5):
+            await store.change_session(ENV, "ses_1", report("check", "retry"))
+        assert w.checkpoints == checkpoints  # back to one every CHECKPOINT_COMMITS
 
     run(tmp_path, body)
 

@@ -11,16 +11,19 @@ while commits are fast: the sqlite3 module releases the GIL for it, and a commit
 waited twice for that thread to win the GIL back from the busy loop (to start, and to report back),
 which in the bench made watch delivery at 1,000 changes/s 3-17x slower (p50 2-3 ms, p99 8-44 ms, against
 0.8 ms and 2.5 ms on the loop) and cost more CPU per change. When commits get slow (a slow or busy
-disk: their moving average passes ``slow_commit``), they move to the writer's disk thread so the loop
-keeps serving reads and streams meanwhile; so does BEGIN whenever another process holds the write lock.
+disk: their moving average passes ``slow_commit``, or one took STALLED_COMMIT_S), they move to the
+writer's disk thread so the loop keeps serving reads and streams meanwhile; so does BEGIN whenever
+another process holds the write lock. The first commit of a stall cannot be foreseen: it blocks the loop
+for as long as it takes, once per DISK_HOLD_S at most.
+
 The price of the loop commit: at saturation the loop waits out each fsync instead of working meanwhile,
 and fewer commands share a commit. The bench's closed loops lost 0-6% of their status changes/s, but a
 closed loop over 2,000 sessions dropped from about 2,100 to 1,400 changes/s (README, Group commit).
 
 Checkpoints (copying the WAL back into the database file) never run inside COMMIT (the connection's
 automatic checkpoint is off, as it would stall the loop for milliseconds): every CHECKPOINT_COMMITS
-commits or CHECKPOINT_ROWS changed rows, the writer runs a PASSIVE one on the disk thread between
-two batches.
+commits or CHECKPOINT_ROWS changed rows, and after every batch while the WAL is long, the writer runs a
+PASSIVE one on the disk thread between two batches.
 """
 from __future__ import annotations
 
@@ -49,9 +52,16 @@ LOCK_WAIT_SLICE_MS = 50
 SLOW_COMMIT_S = 0.002
 # The moving average's weight of the latest commit.
 COMMIT_AVERAGE_WEIGHT = 1 / 8
-# A checkpoint after this many commits or changed rows (about SQLite's default 1,000 WAL pages).
+# A commit this slow is the disk, not a wait for the GIL (that is bounded by the 5 ms switch interval):
+# commits then stay on the disk thread for DISK_HOLD_S, renewed by every such commit, so a disk that
+# stalls now and then stalls the loop once, not once per stall.
+STALLED_COMMIT_S = 0.02
+DISK_HOLD_S = 10.0
+# A checkpoint after this many commits or changed rows (about SQLite's default 1,000 WAL pages), and
+# after every batch while the WAL holds more than CHECKPOINT_FRAMES frames.
 CHECKPOINT_COMMITS = 100
 CHECKPOINT_ROWS = 500
+CHECKPOINT_FRAMES = 1000
 
 
 @dataclass
@@ -94,9 +104,11 @@ class Writer:
         self._max_batch = max_batch
         self._slow_commit = slow_commit
         self._commit_time = 0.0  # moving average, seconds
+        self._disk_until = 0.0  # time.monotonic() until which commits stay on the disk thread
         self.commits_on_loop = 0
         self.commits_on_disk = 0
         self._since_checkpoint = (0, 0)  # (commits, conn.total_changes) at the last checkpoint
+        self._wal_frames = 0  # in the WAL after the last checkpoint
         self.checkpoints = 0
         self._jobs: deque[_Job] = deque()
         self._batch_size = 0  # commands of the batch being committed
@@ -182,8 +194,11 @@ class Writer:
             finally:
                 self.publishing = None
                 self._batch_size = 0
-            if self._checkpoint_due():
-                await self._checkpoint()
+            try:
+                if self._checkpoint_due():
+                    await self._checkpoint()
+            except Exception:  # as for a batch: the writer must go on
+                log.exception("checkpoint failed")
 
     async def _commit_batch(self, batch: list[_Job]) -> None:
         conn = self._conn
@@ -199,13 +214,15 @@ class Writer:
             events = [ev for _, done in results if isinstance(done, Done) for ev in done.events]
             if events:
                 self.publishing = (events[0].cursor, events[-1].cursor)
-            if self._commit_time < self._slow_commit:
+            if self._commit_time < self._slow_commit and time.monotonic() >= self._disk_until:
                 self.commits_on_loop += 1
                 took = self._timed_commit(conn)
             else:
                 self.commits_on_disk += 1
                 took = await self._on_disk(self._timed_commit, conn)
             self._commit_time += (took - self._commit_time) * COMMIT_AVERAGE_WEIGHT
+            if took >= STALLED_COMMIT_S:
+                self._disk_until = time.monotonic() + DISK_HOLD_S
         except _Moved as exc:
             self.publishing = None
             self._moved = f"the database file {self._path} was removed or moved away while open; restart the server"
@@ -242,21 +259,33 @@ class Writer:
         assert self._conn is not None
         commits, rows = self._since_checkpoint
         done = self.commits_on_loop + self.commits_on_disk
-        return done - commits >= CHECKPOINT_COMMITS or self._conn.total_changes - rows >= CHECKPOINT_ROWS
+        return (
+            done - commits >= CHECKPOINT_COMMITS
+            or self._conn.total_changes - rows >= CHECKPOINT_ROWS
+            or (self._wal_frames > CHECKPOINT_FRAMES and done > commits)
+        )
 
     async def _checkpoint(self) -> None:
-        """A PASSIVE checkpoint (it never waits for a lock) on the disk thread, between batches: a
-        checkpoint racing the next commits never catches up with them, so the WAL would never start
-        over and grow without end. The next batch waits for it, as it waited for the automatic one
-        inside COMMIT; the loop does not."""
+        """A PASSIVE checkpoint (it never waits for a lock) on the disk thread, between batches. The WAL
+        starts over only once a checkpoint has copied all of it before the next commit, which a
+        checkpoint racing this writer's commits never does (the WAL grew without end), and one racing
+        another process's seldom does (253 MB in a minute with two servers checkpointing every 100
+        commits): so while the WAL is long it runs after every batch, as SQLite's own ran after every
+        commit. The next batch waits for it, as it waited for the automatic one inside COMMIT; the
+        loop does not."""
         conn = self._conn
         assert conn is not None
         self._since_checkpoint = (self.commits_on_loop + self.commits_on_disk, conn.total_changes)
         try:
-            await self._on_disk(lambda: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall())
-            self.checkpoints += 1
+            _busy, frames, _copied = await self._on_disk(
+                lambda: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            )
         except sqlite3.Error:
             log.exception("checkpoint failed; the WAL grows until one succeeds")
+            return
+        if frames >= 0:  # -1: it could not run (another connection was checkpointing); again next batch
+            self._wal_frames = frames
+        self.checkpoints += 1
 
     def _commit(self, conn: sqlite3.Connection) -> None:
         """COMMIT, only while the database file is still at its path. In WAL mode
