@@ -52,10 +52,11 @@ LOCK_WAIT_SLICE_MS = 50
 SLOW_COMMIT_S = 0.002
 # The moving average's weight of the latest commit.
 COMMIT_AVERAGE_WEIGHT = 1 / 8
-# A commit this slow is the disk, not a wait for the GIL (that is bounded by the 5 ms switch interval):
-# commits then stay on the disk thread for DISK_HOLD_S, renewed by every such commit, so a disk that
-# stalls now and then stalls the loop once, not once per stall.
-STALLED_COMMIT_S = 0.02
+# A commit this slow is the disk, not a wait for the GIL (each wait is bounded by the 5 ms switch
+# interval, and a busy machine's scheduling): commits then stay on the disk thread for DISK_HOLD_S,
+# renewed by every such commit, so a disk that stalls now and then stalls the loop once, not at every
+# stall.
+STALLED_COMMIT_S = 0.05
 DISK_HOLD_S = 10.0
 # A checkpoint after this many commits or changed rows (about SQLite's default 1,000 WAL pages), and
 # after every batch while the WAL holds more than CHECKPOINT_FRAMES frames.
@@ -222,6 +223,8 @@ class Writer:
                 took = await self._on_disk(self._timed_commit, conn)
             self._commit_time += (took - self._commit_time) * COMMIT_AVERAGE_WEIGHT
             if took >= STALLED_COMMIT_S:
+                if time.monotonic() >= self._disk_until:
+                    log.warning("a commit took %.0f ms: commits run on the disk thread for %.0f s", took * 1000, DISK_HOLD_S)
                 self._disk_until = time.monotonic() + DISK_HOLD_S
         except _Moved as exc:
             self.publishing = None
