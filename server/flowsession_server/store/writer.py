@@ -9,8 +9,8 @@ Where the work runs: the commands and their statements run on the event loop (Py
 page-cache work, which held the GIL most of the time anyway). COMMIT (the fsync) runs on the loop too
 while commits are fast: the sqlite3 module releases the GIL for it, and a commit handed to a thread
 waited twice for that thread to win the GIL back from the busy loop (to start, and to report back),
-which in the bench made watch delivery at 1,000 changes/s 3-17x slower (p50 2-3 ms, p99 8-44 ms, against
-0.8 ms and 2.5 ms on the loop) and cost more CPU per change. When commits get slow (a slow or busy
+which in the bench made watch delivery at 1,000 changes/s several times slower (p50 2-3 ms, p99 8-44 ms,
+against 0.8-1.3 ms and 2.5-9.2 ms on the loop) and cost more CPU per change. When commits get slow (a slow or busy
 disk: their moving average passes ``slow_commit``, or one took STALLED_COMMIT_S), they move to the
 writer's disk thread so the loop keeps serving reads and streams meanwhile; so does BEGIN whenever
 another process holds the write lock. The first commit of a stall cannot be foreseen: it blocks the loop
