@@ -10,8 +10,8 @@ page-cache work, which held the GIL most of the time anyway). COMMIT (the fsync)
 while commits are fast: the sqlite3 module releases the GIL for it, and a commit handed to a thread
 waited twice for that thread to win the GIL back from the busy loop (to start, and to report back),
 which in the bench made watch delivery at 1,000 changes/s several times slower (p50 2-3 ms, p99 8-44 ms,
-against 0.8-1.3 ms and 2.5-9.2 ms on the loop) and cost more CPU per change. When commits get slow (a slow or busy
-disk: their moving average passes ``slow_commit``, or one took STALLED_COMMIT_S), they move to the
+against 0.8-1.3 ms and 2.5-9.2 ms on the loop) and cost more CPU per change. When commits get slow (a
+slow or busy disk: their moving average passes SLOW_COMMIT_S, or one took STALLED_COMMIT_S), they move to the
 writer's disk thread so the loop keeps serving reads and streams meanwhile; so does BEGIN whenever
 another process holds the write lock. The first commit of a stall cannot be foreseen: it blocks the loop
 for as long as it takes, once per DISK_HOLD_S at most.
@@ -96,14 +96,13 @@ class Writer:
         on_commit: Callable[[list[SessionEvent]], None],
         on_health: Callable[[bool], None],
         max_batch: int = 512,
-        slow_commit: float = SLOW_COMMIT_S,
     ):
         self._path = path
         self._synchronous = synchronous
         self._on_commit = on_commit
         self._on_health = on_health
         self._max_batch = max_batch
-        self._slow_commit = slow_commit
+        self._slow_commit = SLOW_COMMIT_S  # tests lower it to force commits onto the disk thread
         self._commit_time = 0.0  # moving average, seconds
         self._disk_until = 0.0  # time.monotonic() until which commits stay on the disk thread
         self.commits_on_loop = 0
