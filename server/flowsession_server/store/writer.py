@@ -17,7 +17,7 @@ another process holds the write lock. The first commit of a stall cannot be fore
 for as long as it takes, once per DISK_HOLD_S at most.
 
 The price of the loop commit: at saturation the loop waits out each fsync instead of working meanwhile,
-and fewer commands share a commit. The bench's closed loops lost 0-6% of their status changes/s, but a
+and fewer commands share a commit. The bench's closed loops lost 1-9% of their status changes/s, but a
 closed loop over 2,000 sessions dropped from about 2,100 to 1,400 changes/s (README, Group commit).
 
 Checkpoints (copying the WAL back into the database file) never run inside COMMIT (the connection's
