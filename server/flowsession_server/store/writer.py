@@ -150,6 +150,11 @@ class Writer:
         return await future
 
     @property
+    def commits(self) -> int:
+        """COMMITs attempted, on the loop and on the disk thread."""
+        return self.commits_on_loop + self.commits_on_disk
+
+    @property
     def queued(self) -> int:
         """Commands submitted and not yet answered: waiting for a batch, or in the one being committed."""
         return len(self._jobs) + self._batch_size
@@ -260,11 +265,10 @@ class Writer:
     def _checkpoint_due(self) -> bool:
         assert self._conn is not None
         commits, rows = self._since_checkpoint
-        done = self.commits_on_loop + self.commits_on_disk
         return (
-            done - commits >= CHECKPOINT_COMMITS
+            self.commits - commits >= CHECKPOINT_COMMITS
             or self._conn.total_changes - rows >= CHECKPOINT_ROWS
-            or (self._wal_frames > CHECKPOINT_FRAMES and done > commits)
+            or (self._wal_frames > CHECKPOINT_FRAMES and self.commits > commits)
         )
 
     async def _checkpoint(self) -> None:
@@ -277,7 +281,7 @@ class Writer:
         loop does not."""
         conn = self._conn
         assert conn is not None
-        self._since_checkpoint = (self.commits_on_loop + self.commits_on_disk, conn.total_changes)
+        self._since_checkpoint = (self.commits, conn.total_changes)
         try:
             _busy, frames, _copied = await self._on_disk(
                 lambda: conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
