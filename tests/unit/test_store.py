@@ -967,6 +967,149 @@ def test_a_stalled_commit_keeps_commits_on_the_disk_thread_for_a_while(tmp_path:
     run(tmp_path, body)
 
 
+def test_commits_come_back_to_the_loop_from_the_disk_thread_while_the_loop_is_busy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit on the disk thread is timed with its waits for the GIL (the sqlite3 module releases it
+    for each step of COMMIT, os.stat for the file checks), each up to the 5 ms switch interval while the
+    loop runs Python: a fast disk under load timed at 5-60 ms there, so once a slow spell had moved the
+    commits off the loop, they never came back while the load lasted, the very load the loop commit is for."""
+    monkeypatch.setattr(writer, "PROBE_S", 0.05, raising=False)
+
+    async def body(store: Store, rec: Recorder) -> None:
+        w = store._writer
+        assert w is not None
+        flow = await published_flow(store)
+        await create(store, flow.flow_id, "ses_1")
+        timed_commit = w._timed_commit
+        slow = (w._slow_commit + writer.STALLED_COMMIT_S) / 2  # a slow spell of the disk, not a stall
+        w._timed_commit = lambda conn: max(slow, timed_commit(conn))  # type: ignore[method-assign]
+        while w.commits_on_disk == 0:
+            assert w.commits_on_loop < 100
+            await store.change_session(ENV, "ses_1", report("check", "retry"))
+        w._timed_commit = timed_commit  # type: ignore[method-assign]  # the disk is fast again
+
+        busy = True
+
+        async def keep_the_loop_busy() -> None:  # as thousands of streams do: Python on the loop, seldom idle
+            while busy:
+                until_ = time.perf_counter() + 0.02
+                while time.perf_counter() < until_:
+                    pass
+                await asyncio.sleep(0)  # yields the loop; not synchronisation
+
+        burner = asyncio.ensure_future(keep_the_loop_busy())
+        try:
+            on_loop = w.commits_on_loop
+            give_up = time.monotonic() + 3.0
+            while w.commits_on_loop == on_loop:
+                assert time.monotonic() < give_up, (
+                    f"still on the disk thread after {w.commits_on_disk} commits there "
+                    f"(average {w._commit_time * 1000:.1f} ms, held {w._disk_until > time.monotonic()})"
+                )
+                await store.change_session(ENV, "ses_1", report("check", "retry"))
+        finally:
+            busy = False
+            await burner
+
+    run(tmp_path, body)
+
+
+def test_a_cancelled_close_still_answers_the_write_committing_on_the_disk_thread(tmp_path: Path) -> None:
+    """Cancelling close() (a shutdown given up on by whoever awaited it) cancelled the writer task it
+    awaited, in the middle of a COMMIT running on the disk thread: that COMMIT landed, its caller was
+    never answered, and the connection was never closed (a second close() raised CancelledError)."""
+    path = db(tmp_path)
+    clock = FakeClock(T0)
+
+    async def body() -> None:
+        rec = Recorder()
+        store = Store(path, clock)
+        await store.open(rec.on_commit, rec.on_health)
+        release = threading.Event()
+        try:
+            w = store._writer
+            assert w is not None
+            flow = await published_flow(store)
+            await create(store, flow.flow_id, "ses_1")
+            w._slow_commit = 0.0  # commits on the disk thread, as when they are slow
+            timed_commit = w._timed_commit
+
+            def held_commit(conn: sqlite3.Connection) -> float:
+                assert release.wait(DEADLINE_S)  # a disk that takes its time
+                return timed_commit(conn)
+
+            w._timed_commit = held_commit  # type: ignore[method-assign]
+            change = asyncio.ensure_future(store.change_session(ENV, "ses_1", report("check", "retry")))
+            await until(lambda: w.commits_on_disk == 1)  # its COMMIT waits on the disk thread
+            closing = asyncio.ensure_future(store.close())
+            await until(lambda: w._closing)
+            closing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await closing
+            release.set()
+            assert (await asyncio.wait_for(change, DEADLINE_S)).version == 2
+            assert [e.version for e in rec.events if e.session_id == "ses_1"] == [1, 2]
+        finally:
+            release.set()
+            await asyncio.wait_for(store.close(), DEADLINE_S)
+        assert w._conn is not None
+        with pytest.raises(sqlite3.ProgrammingError):  # closed
+            w._conn.execute("SELECT 1")
+
+    asyncio.run(body())
+
+    async def check(store: Store, _rec: Recorder) -> None:
+        assert (await store.get_session(ENV, "ses_1")).version == 2
+
+    asyncio.run(with_store(path, clock, check))
+
+
+def test_a_flow_version_read_in_a_batch_that_failed_to_commit_is_not_remembered(tmp_path: Path) -> None:
+    """The writer's commands remember published flow versions (immutable once published). One read as
+    published inside a batch whose COMMIT then failed was remembered although the publication was rolled
+    back: the version was a draft again, was edited and published, and its sessions ran the old graph."""
+    swapped = FlowGraph(
+        "check",
+        (
+            Step("check", "document_check", {"retry": "check", "ok": "rejected", "bad": "accepted"}),
+            Step("accepted", "end", outcome=SessionOutcome.ACCEPTED),
+            Step("rejected", "end", outcome=SessionOutcome.REJECTED),
+        ),
+    )
+
+    async def body(store: Store, rec: Recorder) -> None:
+        w = store._writer
+        assert w is not None
+        flow = await store.create_flow("kyc", "identity check")
+        await store.create_flow_version(flow.flow_id, GRAPH, TIMEOUT)
+        commit = w._commit
+
+        def disk_full(conn: sqlite3.Connection) -> None:
+            w._commit = commit  # type: ignore[method-assign]  # once
+            raise sqlite3.OperationalError("database or disk is full")
+
+        w._commit = disk_full  # type: ignore[method-assign]
+        commits = w.commits
+        results = await gathered_in_one_go(
+            store,
+            store.publish_flow_version(flow.flow_id, 1, ENV),
+            store.create_session(new_session(flow.flow_id, "ses_lost"), None),
+            store.change_session(ENV, "ses_lost", report("check", "retry")),
+        )
+        assert w.commits == commits + 1  # one batch
+        assert all(isinstance(r, Unavailable) for r in results)
+        assert (await store.get_flow_version(flow.flow_id, 1)).state is FlowVersionState.DRAFT  # rolled back
+
+        await store.update_flow_version(flow.flow_id, 1, swapped, TIMEOUT)
+        await store.publish_flow_version(flow.flow_id, 1, ENV)
+        await create(store, flow.flow_id, "ses_1")
+        done = await store.change_session(ENV, "ses_1", report("check", "ok"))
+        assert done.outcome is SessionOutcome.REJECTED  # the graph as published, not the rolled-back one
+
+    run(tmp_path, body)
+
+
 def test_checkpoints_copy_the_wal_into_the_database_file_outside_the_commit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -157,11 +157,16 @@ def create_session(new: NewSession, idempotency: IdempotencyKey | None, now: dat
 
 
 class PublishedVersions:
-    """Published flow versions are immutable, so the writer keeps the ones sessions run."""
+    """Published flow versions are immutable, so the writer keeps the ones sessions run. One is read
+    inside the writer's transaction: should that be rolled back as a whole, ``forget`` them all."""
 
     def __init__(self, capacity: int = 10_000):
         self._capacity = capacity
         self._versions: dict[tuple[str, int], FlowVersion] = {}
+
+    def forget(self) -> None:
+        """The writer rolled a batch back: a version read as published in it may be a draft again."""
+        self._versions.clear()
 
     def get(self, conn: sqlite3.Connection, flow_id: str, version: int) -> FlowVersion:
         key = (flow_id, version)

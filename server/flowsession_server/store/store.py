@@ -56,7 +56,13 @@ class Store:
         self.keys = await asyncio.to_thread(prepare)
         self._version_conn = await asyncio.to_thread(_version_connection, self._path)
         self._reader = reads.Reader(self._path, threads=self._read_threads)
-        self._writer = Writer(self._path, synchronous=self._synchronous, on_commit=on_commit, on_health=on_health)
+        self._writer = Writer(
+            self._path,
+            synchronous=self._synchronous,
+            on_commit=on_commit,
+            on_health=on_health,
+            on_rollback=self._versions.forget,  # it may hold a version read as published in the batch
+        )
         self._writer.start(asyncio.get_running_loop())
 
     @property

@@ -16,6 +16,13 @@ writer's disk thread so the loop keeps serving reads and streams meanwhile; so d
 another process holds the write lock. The first commit of a stall cannot be foreseen: it blocks the loop
 for as long as it takes, once per DISK_HOLD_S at most.
 
+Only a commit on the loop times the disk. One on the disk thread is timed with every wait for the GIL in
+it (the sqlite3 module releases it for each step of COMMIT, as os.stat does for the file checks around
+it, and a busy loop keeps each wait up to the 5 ms switch interval): a fast disk under load timed at
+5-60 ms there, so commits never came back, and "stalls" renewed the hold. A fast one there still
+counts (it is fast with its waits); otherwise, while the average keeps commits on the disk thread, one
+commit per PROBE_S runs on the loop to time the disk again.
+
 The price of the loop commit: at saturation the loop waits out each fsync instead of working meanwhile,
 and fewer commands share a commit. The bench's closed loops lost 1-9% of their status changes/s, but a
 closed loop over 2,000 sessions dropped from about 2,100 to 1,400 changes/s (README, Group commit).
@@ -52,12 +59,16 @@ LOCK_WAIT_SLICE_MS = 50
 SLOW_COMMIT_S = 0.002
 # The moving average's weight of the latest commit.
 COMMIT_AVERAGE_WEIGHT = 1 / 8
-# A commit this slow is the disk, not a wait for the GIL (each wait is bounded by the 5 ms switch
-# interval, and a busy machine's scheduling): commits then stay on the disk thread for DISK_HOLD_S,
-# renewed by every such commit, so a disk that stalls now and then stalls the loop once, not at every
-# stall.
+# A commit on the loop this slow is the disk, not a wait for the GIL (each wait is bounded by the 5 ms
+# switch interval, and a busy machine's scheduling): commits then stay on the disk thread for DISK_HOLD_S,
+# renewed by every such commit on the loop (the probe after a hold), so a disk that stalls now and then
+# stalls the loop once per DISK_HOLD_S at most. On the disk thread, where several waits for the GIL add
+# up, such a time says nothing (see the module docstring).
 STALLED_COMMIT_S = 0.05
 DISK_HOLD_S = 10.0
+# While the average keeps commits on the disk thread, one commit per PROBE_S runs on the loop, where its
+# time is the disk's (see the module docstring); a stall's hold has no probes.
+PROBE_S = 1.0
 # A checkpoint after this many commits or changed rows (about SQLite's default 1,000 WAL pages), and
 # after every batch while the WAL holds more than CHECKPOINT_FRAMES frames.
 CHECKPOINT_COMMITS = 100
@@ -96,15 +107,22 @@ class Writer:
         on_commit: Callable[[list[SessionEvent]], None],
         on_health: Callable[[bool], None],
         max_batch: int = 512,
+        on_rollback: Callable[[], None] | None = None,
     ):
         self._path = path
         self._synchronous = synchronous
         self._on_commit = on_commit
         self._on_health = on_health
         self._max_batch = max_batch
+        # Called whenever a batch is rolled back as a whole: what its commands read is undone too, so
+        # whatever they remembered of it must go (commands.PublishedVersions).
+        self._on_rollback = on_rollback
         self._slow_commit = SLOW_COMMIT_S  # tests lower it to force commits onto the disk thread
         self._commit_time = 0.0  # moving average, seconds
         self._disk_until = 0.0  # time.monotonic() until which commits stay on the disk thread
+        # time.monotonic() from which the next commit runs on the loop although the average is high; None
+        # until a commit on the loop found it high.
+        self._probe_at: float | None = None
         self.commits_on_loop = 0
         self.commits_on_disk = 0
         self._since_checkpoint = (0, 0)  # (commits, conn.total_changes) at the last checkpoint
@@ -122,6 +140,7 @@ class Writer:
         self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowsession-writer-disk")
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._closed: asyncio.Future[None] | None = None  # close()'s work, once
         # time.monotonic() after which BEGIN stops waiting for another process's lock (shutdown).
         self._lock_wait_until: float | None = None
         self.healthy = False
@@ -166,11 +185,18 @@ class Writer:
         self._lock_wait_until = deadline
 
     async def close(self) -> None:
-        """Refuses new commands, commits every queued one, then closes the connection."""
+        """Refuses new commands, commits every queued one, then closes the connection. Cancelling it
+        stops the wait, not the closing: the writer task is not cancelled with it (a COMMIT on the disk
+        thread would land with its callers never answered, and the connection stay open)."""
         self._closing = True
         self._wake.set()
+        if self._closed is None:
+            self._closed = asyncio.ensure_future(self._close())
+        await asyncio.shield(self._closed)
+
+    async def _close(self) -> None:
         if self._task is not None:
-            await self._task
+            await asyncio.wait([self._task])  # not ``await``: a task cancelled elsewhere must not stop this
         if self._conn is not None:
             await self._on_disk(self._conn.close)
         self._disk.shutdown(wait=True)
@@ -219,17 +245,12 @@ class Writer:
             events = [ev for _, done in results if isinstance(done, Done) for ev in done.events]
             if events:
                 self.publishing = (events[0].cursor, events[-1].cursor)
-            if self._commit_time < self._slow_commit and time.monotonic() >= self._disk_until:
+            if self._commit_on_loop():
                 self.commits_on_loop += 1
-                took = self._timed_commit(conn)
+                self._timed(self._timed_commit(conn), on_loop=True)
             else:
                 self.commits_on_disk += 1
-                took = await self._on_disk(self._timed_commit, conn)
-            self._commit_time += (took - self._commit_time) * COMMIT_AVERAGE_WEIGHT
-            if took >= STALLED_COMMIT_S:
-                if time.monotonic() >= self._disk_until:
-                    log.warning("a commit took %.0f ms: commits run on the disk thread for %.0f s", took * 1000, DISK_HOLD_S)
-                self._disk_until = time.monotonic() + DISK_HOLD_S
+                self._timed(await self._on_disk(self._timed_commit, conn), on_loop=False)
         except _Moved as exc:
             self.publishing = None
             self._moved = f"the database file {self._path} was removed or moved away while open; restart the server"
@@ -261,6 +282,28 @@ class Writer:
         start = time.perf_counter()
         self._commit(conn)
         return time.perf_counter() - start
+
+    def _commit_on_loop(self) -> bool:
+        now = time.monotonic()
+        if now < self._disk_until:
+            return False
+        if self._commit_time < self._slow_commit:
+            return True
+        return self._probe_at is not None and now >= self._probe_at
+
+    def _timed(self, took: float, *, on_loop: bool) -> None:
+        """Takes a commit's time into account. Off the loop it is the disk's time plus the waits for
+        the GIL: only a fast one says anything about the disk (see the module docstring)."""
+        if on_loop or took < self._slow_commit:
+            self._commit_time += (took - self._commit_time) * COMMIT_AVERAGE_WEIGHT
+        if not on_loop:
+            return
+        now = time.monotonic()
+        if took >= STALLED_COMMIT_S:
+            if now >= self._disk_until:
+                log.warning("a commit took %.0f ms: commits run on the disk thread for %.0f s", took * 1000, DISK_HOLD_S)
+            self._disk_until = now + DISK_HOLD_S
+        self._probe_at = now + PROBE_S if self._commit_time >= self._slow_commit else None
 
     def _checkpoint_due(self) -> bool:
         assert self._conn is not None
@@ -309,7 +352,13 @@ class Writer:
         _resolve(self._on_commit, [(job, failure) for job in batch], [])
 
     async def _rollback(self) -> None:
+        """Rolls the batch back, if SQLite has not already (a failed COMMIT often has)."""
         assert self._conn is not None
+        if self._on_rollback is not None:
+            try:
+                self._on_rollback()
+            except Exception:
+                log.exception("on_rollback failed")
         if self._conn.in_transaction:
             try:
                 await self._on_disk(self._conn.execute, "ROLLBACK")
