@@ -715,6 +715,41 @@ def test_create_session_idempotency(tmp_path: Path) -> None:
     run(tmp_path, body)
 
 
+def test_request_ids_are_kept_for_the_retention_period_after_their_session_ended(tmp_path: Path) -> None:
+    """Retention drops an id once its session has been over for the retention period, counted from the
+    end: a session that ran longer than that kept its ids only until it ended, and a retry of its
+    CreateSession just after made a second session."""
+    clock = FakeClock(T0)
+    week = timedelta(days=7)
+
+    async def body(store: Store, _rec: Recorder) -> None:
+        flow = await published_flow(store, timeout=timedelta(days=30))
+        long_key = IdempotencyKey(f"create:{ENV}", "req-long", "fp")
+        short_key = IdempotencyKey(f"create:{ENV}", "req-short", "fp")
+        await create(store, flow.flow_id, "ses_long", long_key)
+        await create(store, flow.flow_id, "ses_short", short_key)
+        await store.change_session(ENV, "ses_short", abort())
+
+        async def replays(key: IdempotencyKey, new_id: str) -> bool:
+            session, replayed = await store.create_session(new_session(flow.flow_id, new_id), key)
+            assert replayed or session.session_id == new_id
+            return replayed
+
+        clock.advance(timedelta(days=8))
+        await store.prune_events(week)
+        assert await replays(long_key, "ses_long_again")  # RUNNING: kept however old
+        assert not await replays(short_key, "ses_short_again")  # ended 8 days ago: gone
+        await store.change_session(ENV, "ses_long", abort())
+        clock.advance(timedelta(days=3))
+        await store.prune_events(week)
+        assert await replays(long_key, "ses_long_again")  # created 11 days ago, ended 3 days ago: kept
+        clock.advance(timedelta(days=5))
+        await store.prune_events(week)
+        assert not await replays(long_key, "ses_long_again")  # ended 8 days ago: gone
+
+    run(tmp_path, body, clock)
+
+
 def test_concurrent_creates_with_one_request_id_make_one_session(tmp_path: Path) -> None:
     async def body(store: Store, _rec: Recorder) -> None:
         flow = await published_flow(store)

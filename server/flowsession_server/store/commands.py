@@ -386,12 +386,15 @@ def prune_events(limit: int, retention: timedelta, from_us: int | None, now: dat
             [floor, cutoff, limit],
         ).fetchall()
         cursors = [r["cursor"] for r in rows]
-        # Idempotency keys live as long as history: a retry within the retention period is recognised.
-        # Those left older than the cutoff are a RUNNING session's, so the range stays short.
+        # Idempotency keys live as long as history: kept while the session runs and for the retention
+        # period after it ended (its latest event, never pruned, is the end), so a retry within that is
+        # recognised. Those left older than the cutoff are of sessions that ran or ended since, so the
+        # range stays short.
         conn.execute(
             "DELETE FROM request_ids WHERE create_us < ? AND NOT EXISTS "
-            "(SELECT 1 FROM sessions s WHERE s.session_id = request_ids.session_id AND s.status = 'RUNNING')",
-            [cutoff],
+            "(SELECT 1 FROM sessions s WHERE s.session_id = request_ids.session_id AND (s.status = 'RUNNING' OR "
+            "EXISTS (SELECT 1 FROM events e WHERE e.session_id = s.session_id AND e.version = s.version AND e.event_us >= ?)))",
+            [cutoff, cutoff],
         )
         if cursors:
             conn.executemany("DELETE FROM events WHERE cursor = ?", [[c] for c in cursors])
