@@ -336,6 +336,26 @@ def test_heartbeats_on_idle_streams(tmp_path):
         server.stop()
 
 
+def test_a_heartbeat_before_anything_was_committed_names_a_cursor_to_resume_from(tmp_path):
+    """On a new database the heartbeat's cursor was empty, and an empty after_cursor means "from now":
+    a client that stored it and reconnected missed what was committed while it was away."""
+    server = ServerThread(settings_for(tmp_path, watch_heartbeat=0.2))
+    try:
+        with connect(server.address) as client:
+            first = Collector(client)
+            beat = first.take(1)[0]
+            assert not beat.HasField("event") and beat.heartbeat.cursor
+            first.close()
+            flow_id = published_flow(client)
+            sid = new_session(client, flow_id).session.session_id
+            resumed = Collector(client, after_cursor=beat.heartbeat.cursor)
+            (created,) = resumed.events(1)
+            assert (created.session.session_id, created.version) == (sid, 1)
+            resumed.close()
+    finally:
+        server.stop()
+
+
 def test_a_watcher_that_stops_reading_is_cut_off_and_holds_no_memory(tmp_path):
     server = ServerThread(settings_for(tmp_path, watch_queue=20))
     try:

@@ -330,7 +330,8 @@ class Client:
             if not response.HasField("event"):
                 heartbeat = response.heartbeat
                 # A heartbeat travels behind every event sent before it, so its cursor is safe to
-                # resume from; "" (nothing committed yet) or an older cursor moves nothing.
+                # resume from; "" (from an older server, before anything was committed) or an older cursor
+                # moves nothing.
                 if heartbeat.cursor and not _not_after(heartbeat.cursor, last_cursor):
                     last_cursor = heartbeat.cursor
                 return True, heartbeat if heartbeats else None

@@ -15,7 +15,7 @@ from flowsession.v1 import session_service_pb2 as pb
 
 from ..clock import Clock
 from ..domain.errors import DomainError, FieldViolation, InvalidArgument, OutOfRange, Unavailable
-from ..domain.model import START, LogPosition, SessionEvent, SessionStatus
+from ..domain.model import LogPosition, SessionEvent, SessionStatus
 from ..events.hub import Hub, Watcher
 from ..store.reads import EVENT_PAGE
 from ..store.store import Store
@@ -94,9 +94,11 @@ class Streams:
         assert self._store.keys is not None
         return self._store.keys.epoch
 
-    def _heartbeat(self, *, position: LogPosition = START, version: int = 0) -> pb.WatchHeartbeat:
+    def _heartbeat(self, *, position: LogPosition | None = None, version: int = 0) -> pb.WatchHeartbeat:
+        # WatchSessions' heartbeat always names a cursor, the log's start too (nothing committed yet):
+        # a client storing it resumes from there, where an empty one would mean "from now".
         return pb.WatchHeartbeat(
-            cursor=convert.cursor_token(self._epoch, position) if position.cursor else "",
+            cursor=convert.cursor_token(self._epoch, position) if position is not None else "",
             version=version,
             heartbeat_time=convert.timestamp(self._clock.now()),
         )
