@@ -29,6 +29,7 @@ DEADLINE = 5.0
 SERVICE = session_service_pb2.DESCRIPTOR.services_by_name["SessionService"]
 WATCH = SERVICE.methods_by_name["WatchSession"]
 WATCH_SESSIONS = SERVICE.methods_by_name["WatchSessions"]
+GET_SESSION = SERVICE.methods_by_name["GetSession"]
 END = object()  # what the watch thread reports when the iterator is exhausted
 
 
@@ -365,15 +366,41 @@ def test_an_ok_end_after_a_non_terminal_event_resumes_after_it(
     assert after_versions(channel) == [0, 2]
 
 
-def test_an_ok_end_with_nothing_sent_ends_the_iterator(
+def answer_get_session(fake: grpc_testing.Channel, status: int, version: int) -> session_service_pb2.GetSessionRequest:
+    _, request, rpc = within_deadline(lambda: fake.take_unary_unary(GET_SESSION))
+    session = session_pb2.Session(session_id="s-1", status=status, version=version)  # type: ignore[arg-type]
+    rpc.terminate(session_service_pb2.GetSessionResponse(session=session), (), grpc.StatusCode.OK, "")
+    return request
+
+
+def test_an_ok_end_with_nothing_sent_ends_the_iterator_once_the_session_has_ended_there(
     client: Client, fake: grpc_testing.Channel, channel: RecordingChannel
 ) -> None:
     # What the server answers when after_version already is the session's terminal version.
     watcher = Watcher(client, after_version=5)
     _, rpc = take_watch(fake)
     rpc.terminate((), grpc.StatusCode.OK, "")
+    request = answer_get_session(fake, session_pb2.SESSION_STATUS_ABORTED, 5)
+    assert (request.environment, request.session_id) == ("live", "s-1")
     watcher.ends()
-    assert len(channel.calls) == 1
+    assert after_versions(channel) == [5]
+
+
+def test_an_ok_end_with_nothing_sent_on_a_running_session_resumes(
+    client: Client, fake: grpc_testing.Channel, channel: RecordingChannel
+) -> None:
+    # A proxy closing an idle stream before its first heartbeat once ended the iterator silently.
+    watcher = Watcher(client, after_version=5)
+    _, rpc = take_watch(fake)
+    rpc.terminate((), grpc.StatusCode.OK, "")
+    answer_get_session(fake, session_pb2.SESSION_STATUS_RUNNING, 5)
+    request, rpc = take_watch(fake)
+    assert request.after_version == 5
+    rpc.send_response(event(6, session_pb2.SESSION_EVENT_TYPE_COMPLETED))
+    rpc.terminate((), grpc.StatusCode.OK, "")
+    assert watcher.next_version() == 6
+    watcher.ends()
+    assert after_versions(channel) == [5, 5]
 
 
 def test_retry_info_delay_is_slept_before_reconnecting(
@@ -395,7 +422,9 @@ def test_retry_info_delay_is_slept_before_reconnecting(
     # take_watch returning means the second call was made, so the sleep before it has happened:
     # the server's delay, plus up to a quarter so streams ended together do not all return at once.
     assert len(sleeps) == 1 and 1.5 <= sleeps[0] <= 1.875
+    rpc.send_response(event(2, session_pb2.SESSION_EVENT_TYPE_COMPLETED))
     rpc.terminate((), grpc.StatusCode.OK, "")
+    assert watcher.next_version() == 2
     watcher.ends()
 
 

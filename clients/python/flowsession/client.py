@@ -159,6 +159,10 @@ _TERMINAL_EVENTS = frozenset(
         session_pb2.SESSION_EVENT_TYPE_ERROR,
     }
 )
+_RUNNING = session_pb2.SESSION_STATUS_RUNNING
+# The GetSession that tells whether a WatchSession stream ended with nothing sent because the watch is
+# over, when the watch itself has no timeout.
+CHECK_TIMEOUT_S = 10.0
 
 
 def _not_after(cursor: str, last: str) -> bool:
@@ -219,8 +223,10 @@ class Client:
         yielded (or the server's `last_version` when it names a later one, as a stream cut before
         its first event does), after the server's RetryInfo delay or else a jittered exponential
         backoff. A stream that ends with OK after a non-terminal event (the server never does; a
-        proxy might) is re-opened the same way; an OK end with nothing sent ends the iterator, as
-        the server does when `after_version` is the terminal version. `timeout` applies to each stream attempt; every
+        proxy might) is re-opened the same way. The server ends at once, with nothing sent, when
+        `after_version` is the terminal version: on such an end a GetSession (with `timeout`, else
+        CHECK_TIMEOUT_S) tells whether the session has ended at that version, which ends the
+        iterator, or else the stream is re-opened. `timeout` applies to each stream attempt; every
         open waits for the connection (wait_for_ready), so without a timeout a server that never
         comes up blocks the iterator. `max_reconnects` caps consecutive re-opens with no new event
         or heartbeat in between (None: unlimited). Raises CursorExpiredError on CURSOR_EXPIRED
@@ -254,8 +260,15 @@ class Client:
 
         def finished(received: bool) -> bool:
             # The server ends with OK after the terminal event, or at once (nothing sent) when
-            # after_version already is the terminal version.
-            return ended or not received
+            # after_version already is the terminal version. An OK end with nothing sent from anything
+            # else (a proxy closing an idle stream) must not end the watch: the session tells which.
+            if ended or received:
+                return ended
+            session = self.sessions.GetSession(
+                session_service_pb2.GetSessionRequest(environment=environment, session_id=session_id),
+                timeout=CHECK_TIMEOUT_S if timeout is None else timeout,
+            ).session
+            return session.status != _RUNNING and session.version == last_version
 
         def adopt(error: FlowsessionError) -> None:
             nonlocal last_version
