@@ -673,6 +673,26 @@ def test_expire_due_respects_limit_and_deadline_order(tmp_path: Path) -> None:
     run(tmp_path, body, clock)
 
 
+def test_a_lost_guarded_update_says_the_session_s_current_version(tmp_path: Path) -> None:
+    """The UPDATE of a change is guarded by the version it was computed from; losing that race answers
+    VERSION_MISMATCH with the current version, as every VERSION_MISMATCH does."""
+
+    async def body(store: Store, _rec: Recorder) -> None:
+        flow = await published_flow(store)
+        stale = await create(store, flow.flow_id, "ses_1")
+        await store.change_session(ENV, "ses_1", report("check", "retry"))
+
+        def lost(now: datetime) -> Callable[[sqlite3.Connection], None]:
+            return lambda conn: commands._apply(conn, stale, abort()(stale, None, now))
+
+        with pytest.raises(VersionMismatch) as info:
+            await store._write(lost)
+        assert info.value.metadata == {"version": "2"}
+        assert (await store.get_session(ENV, "ses_1")).version == 2
+
+    run(tmp_path, body)
+
+
 # Idempotency
 
 

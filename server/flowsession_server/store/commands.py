@@ -262,8 +262,12 @@ def _apply(conn: sqlite3.Connection, before: Session, event: SessionEvent) -> Se
         "UPDATE sessions SET status = ?, version = ?, body = ? WHERE session_id = ? AND version = ?",
         [after.status.value, after.version, body, after.session_id, before.version],
     )
-    if cur.rowcount != 1:
-        raise VersionMismatch(f"session {after.session_id} changed concurrently; retry")
+    if cur.rowcount != 1:  # not with one writer per transaction (BEGIN IMMEDIATE); still said as documented
+        row = conn.execute("SELECT version FROM sessions WHERE session_id = ?", [after.session_id]).fetchone()
+        raise VersionMismatch(
+            f"session {after.session_id} changed concurrently; re-read it and decide again",
+            metadata={"version": str(row["version"] if row else before.version)},
+        )
     return _append_event(conn, event, body)
 
 

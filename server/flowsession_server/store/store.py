@@ -105,7 +105,7 @@ class Store:
         return flow
 
     async def list_flows(self, after: list[Any] | None, limit: int) -> list[Flow]:
-        """Newest first, from just past ``after`` (a ``flow_position``)."""
+        """Oldest first, from just past ``after`` (a ``flow_position``)."""
         return await self._read(reads.list_flows, after, limit)
 
     @staticmethod
