@@ -1,9 +1,15 @@
 """The process: console entry, health, reflection, graceful SIGTERM, and watch resume across a restart."""
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
+import fcntl
 import gc
+import os
+import select
+import termios
+import time
 from pathlib import Path
 import queue
 from collections.abc import Callable, Iterable
@@ -475,3 +481,104 @@ def test_a_closed_watch_stream_leaves_its_watcher_to_no_reference_cycle(server, 
         gc.garbage.clear()
         gc.enable()
     assert left == []
+
+
+def _request_tasks(loop: asyncio.AbstractEventLoop) -> list[asyncio.Task[Any]]:
+    """The aio server's requests for the next call, each pending in gRPC core until it matches one."""
+    names = ("AioServer._request_call", "AioServer._request_registered_call")
+    return [t for t in asyncio.all_tasks(loop) if getattr(t.get_coro(), "__qualname__", "") in names]
+
+
+def _completion_fd(loop: Any) -> int:
+    """The socket gRPC's poller thread writes a byte to for every completion it queues for the loop."""
+    for key in loop._selector.get_map().values():
+        reader = key.data[0]
+        if reader is not None and getattr(getattr(reader._callback, "func", None), "__name__", "") == "_handle_events":
+            return key.fd
+    raise AssertionError("gRPC's completion socket is not among the loop's readers")
+
+
+def test_no_call_is_handed_to_a_request_the_stopping_server_drops(tmp_path):
+    """The aio server cancels its pending requests when it stops. With a request pending per registered
+    method, one whose match with a call core had already queued for the loop was cancelled: the call never
+    reached Python, and core held it until the whole grace had passed and then cancelled it ("Cancelling
+    all calls"). The race is set up deterministically: call A completes a request; before the serving loop
+    sees it, call B is sent and (if another request is pending to take it) matched by core, and the
+    stop (gRPC's part of FlowsessionServer.stop) begins. B then never reached Python: its call was freed
+    at once here (bare CANCELLED); in the server, under load, core also held it for the whole grace. Now
+    one request is pending at a time and the serving loop takes its answer before it stops, so no other
+    request can take B (it is then refused by the stop, as any call arriving at that moment)."""
+    running = ServerThread(settings_for(tmp_path))
+    grace = 4.0
+    loop = running.loop
+    send_b = threading.Event()
+    stop_began = threading.Event()
+    stopping: dict[str, Any] = {}
+
+    def before_the_serving_loop_sees_it(task: asyncio.Task[Any]) -> None:
+        # Runs on the server loop, in the same pass as (and before) asyncio.wait's own callback.
+        others = [t for t in _request_tasks(loop) if not t.done()]
+        stopping["requests"] = len(others)
+        fd = _completion_fd(loop)
+        if others:
+            pending = array.array("i", [0])
+            fcntl.ioctl(fd, termios.FIONREAD, pending)
+            if pending[0]:
+                os.read(fd, pending[0])  # stale wake-ups; the next byte is B's
+        send_b.set()
+        if others:
+            ready, _, _ = select.select([fd], [], [], TIMEOUT)  # core queued B's match for the loop
+            assert ready, "core did not hand call B to a pending request"
+        stopping["began"] = time.monotonic()
+        stopping["task"] = asyncio.ensure_future(running.server.server.stop(grace))
+        stopping["task"].add_done_callback(lambda _: stopping.setdefault("ended", time.monotonic()))
+        stop_began.set()
+
+    armed: list[asyncio.Task[Any]] = []
+
+    def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        task = asyncio.Task(coro, loop=loop, **kwargs)
+        if not armed and getattr(coro, "__qualname__", "") in ("AioServer._request_call", "AioServer._request_registered_call"):
+            armed.append(task)
+            task.add_done_callback(before_the_serving_loop_sees_it)
+        return task
+
+    try:
+        with connect(running.address) as client, ThreadPoolExecutor(1) as pool:
+            client.flows.ListFlows(fpb.ListFlowsRequest(), timeout=TIMEOUT)  # connected
+            running.call(_set_task_factory(factory))
+            client.flows.ListFlows(fpb.ListFlowsRequest(), timeout=TIMEOUT)  # its request, re-issued, is armed
+            assert armed
+
+            def call_b() -> tuple[Any, float]:
+                assert send_b.wait(TIMEOUT)
+                sent = time.monotonic()
+                try:
+                    client.sessions.GetSession(spb.GetSessionRequest(environment="live", session_id="ses_x"), timeout=TIMEOUT)
+                except grpc.RpcError as err:
+                    return err, time.monotonic() - sent
+                return None, time.monotonic() - sent
+
+            b = pool.submit(call_b)
+            client.flows.ListFlows(fpb.ListFlowsRequest(), timeout=TIMEOUT)  # call A: answered within the grace
+            assert stop_began.wait(TIMEOUT)
+            error, b_took = b.result(TIMEOUT)
+            running.call(_wait_for(stopping["task"]))
+        answered = error is not None and error.code() == grpc.StatusCode.NOT_FOUND  # by GetSession
+        assert answered or not stopping["requests"], (
+            f"call B, handed by core to one of {stopping['requests']} other pending requests as the server stopped, "
+            f"never reached Python: {error.code() if error else None} {error.details() if error else ''!r}"
+        )
+        assert b_took < grace / 2, f"call B took {b_took:.2f} s: held by gRPC until the grace ended"
+        assert stopping["ended"] - stopping["began"] < grace / 2, "the stop waited out the grace for a call Python never saw"
+    finally:
+        running.call(_set_task_factory(None))
+        running.stop()
+
+
+async def _set_task_factory(factory: Any) -> None:
+    asyncio.get_running_loop().set_task_factory(factory)
+
+
+async def _wait_for(task: asyncio.Task[Any]) -> None:
+    await asyncio.wait_for(asyncio.shield(task), TIMEOUT)

@@ -108,8 +108,10 @@ class FlowsessionServer:
             SessionService(self.store, streams, self.settings.environments, self.admission),
             self.server,
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(self.reflection, self.server)
+        errors.add_servicer(health_pb2_grpc.add_HealthServicer_to_server, self.health, self.server, lenient=False)
+        errors.add_servicer(
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server, self.reflection, self.server, lenient=False
+        )
         self.port = self.server.add_insecure_port(address)
         await self.server.start()
         await self._publish_health()

@@ -134,19 +134,29 @@ class _Captured:
         self.services[service] = handlers
 
 
-def add_servicer(add_to_server: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server) -> None:
+def add_servicer(
+    add_to_server: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server, *, lenient: bool = True
+) -> None:
     """Registers ``servicer`` through its generated ``add_to_server``, with request deserializers that
-    hand undecodable bytes to the handler (which ``unary`` below answers with INVALID_ARGUMENT)."""
+    hand undecodable bytes to the handler (which ``unary`` below answers with INVALID_ARGUMENT) unless
+    ``lenient`` is false (health, reflection: code that is not ours).
+
+    As generic handlers only, never as registered methods (which the generated code asks for): the aio
+    server keeps one request for a call pending in gRPC core per registered method, and when it stops,
+    it cancels those of its requests whose answer has not yet reached the event loop. A call core had
+    just matched to one of them then never reaches Python, and core holds it until the whole grace has
+    passed and then cancels it ("Cancelling all calls"). With generic handlers alone, one request is
+    pending at a time and the serving loop always takes its answer before it stops."""
     captured = _Captured()
     add_to_server(servicer, captured)
     assert captured.services, "the generated code registered no method handlers"
     for service, handlers in captured.services.items():
-        lenient = {
-            name: handler._replace(request_deserializer=_lenient(handler.request_deserializer))  # type: ignore[attr-defined]
-            for name, handler in handlers.items()
-        }
-        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, lenient),))
-        server.add_registered_method_handlers(service, lenient)
+        if lenient:
+            handlers = {
+                name: handler._replace(request_deserializer=_lenient(handler.request_deserializer))  # type: ignore[attr-defined]
+                for name, handler in handlers.items()
+            }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
 
 
 class Admission:
