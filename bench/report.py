@@ -276,6 +276,17 @@ def _gc_fact(window: dict[str, Any] | None, what: str) -> str | None:
     )
 
 
+def _stall_fact(window: dict[str, Any] | None, what: str) -> str | None:
+    stalls = (window or {}).get("disk_stalls_ms")
+    if not stalls:
+        return None
+    return (
+        f"disk stalls during {what}: the server logged {len(stalls)} commit(s) of {', '.join(f'{ms:.0f}' for ms in stalls)} ms; "
+        f"the first commit of a stall runs on the event loop and holds it that long, then commits run on the disk "
+        f"thread for 10 s, where each waits for the GIL (README, Group commit)"
+    )
+
+
 def notes_for(target: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
     """Facts for a missed target: by how much, the load around it, and py-spy's top frames if profiled."""
     main, bare = results["main"], results["bare"]
@@ -320,6 +331,7 @@ def notes_for(target: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]
             )
         facts.append("latency runs from event_time, read by the writer before COMMIT, so it includes the fsync of each group commit")
         facts.append(_gc_fact(run["window"], "the run"))
+        facts.append(_stall_fact(run["window"], "the run"))
         profile_key = f"watch_latency_{size}"
     elif key in ("changes_0", "changes_w"):
         run = main["change_0" if key == "changes_0" else "change_w"]

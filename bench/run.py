@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -128,6 +129,22 @@ class Window:
             "server_cpu_pct_of_core": 100.0 * cpu / elapsed if elapsed else 0.0,
             "machine_busy_pct": 100.0 * busy / (elapsed * cores) if elapsed else 0.0,
         }
+
+
+_STALL = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) WARNING \S+: a commit took (\d+) ms")
+
+
+def disk_stalls(log_path: Path) -> list[list[float]]:
+    """[end (epoch s), length (ms)] of the commits the server logged as disk stalls: each held its event
+    loop for that long (the first commit of a stall runs on the loop; README, Group commit)."""
+    out = []
+    for line in log_path.read_text(errors="replace").splitlines():
+        match = _STALL.match(line)
+        if match:
+            stamp, millis, took = match.groups()
+            end = time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000  # the server's local time
+            out.append([end, float(took)])
+    return out
 
 
 def _mean_windows(windows: list[dict[str, float]]) -> dict[str, float]:
@@ -346,6 +363,9 @@ class Bench:
         collections to every measurement window of the phase (the probe writes them as it exits)."""
         await self.disconnect()
         await server.stop()
+        stalls = disk_stalls(server.log_path)
+        if stalls:
+            out["disk_stalls"] = stalls
         if server.gc_path is None:
             return
         data = gc_probe.load(str(server.gc_path))
@@ -356,6 +376,9 @@ class Bench:
                 wall = node.get("wall")
                 if isinstance(wall, list) and len(wall) == 2:
                     node["gc"] = gc_probe.window(data, wall[0], wall[1])
+                    # A stall overlapping the window: it ended (was logged) after the window began
+                    # and began before the window ended.
+                    node["disk_stalls_ms"] = [ms for end, ms in stalls if end >= wall[0] and end - ms / 1000 <= wall[1]]
                 late = node.get("late")
                 if isinstance(late, list):  # [expire_us, event_us] of late expiries
                     node["late_during_gc_pause"] = sum(
