@@ -403,6 +403,50 @@ def test_an_ok_end_with_nothing_sent_on_a_running_session_resumes(
     assert after_versions(channel) == [5, 5]
 
 
+def test_a_close_that_wins_the_race_to_the_get_session_ends_the_watch_cancelled(fake: grpc_testing.Channel) -> None:
+    # close() from another thread between the stream's OK end and the GetSession that checks it: grpc
+    # refuses a call on a closed channel with ValueError, which escaped the iterator raw.
+    class Channel(RecordingChannel):
+        client: Client
+
+        def close(self) -> None:
+            pass
+
+        def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> Callable[..., Any]:
+            def call(request: Message, **call_kwargs: Any) -> Any:
+                self.client.close()  # close() won the race
+                raise ValueError("Cannot invoke RPC on closed channel!")
+
+            return call
+
+    channel = Channel(fake)
+    client = channel.client = Client(channel)  # type: ignore[arg-type]
+    watcher = Watcher(client, after_version=5)
+    _, rpc = take_watch(fake)
+    rpc.terminate((), grpc.StatusCode.OK, "")
+    error = watcher.error()
+    assert (error.code, error.message) == (grpc.StatusCode.CANCELLED, "the client was closed")
+
+
+def test_a_deadline_of_the_check_does_not_end_a_watch_without_a_timeout(
+    client: Client, fake: grpc_testing.Channel, channel: RecordingChannel
+) -> None:
+    # The GetSession after an OK end with nothing sent has its own deadline (CHECK_TIMEOUT_S) when the
+    # watch has none: a server slow to answer it made a watch without a timeout raise DEADLINE_EXCEEDED.
+    watcher = Watcher(client, after_version=5)
+    _, rpc = take_watch(fake)
+    rpc.terminate((), grpc.StatusCode.OK, "")
+    _, _, get = within_deadline(lambda: fake.take_unary_unary(GET_SESSION))
+    get.terminate(session_service_pb2.GetSessionResponse(), (), grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+    request, rpc = take_watch(fake)  # re-opened, as after any early end
+    assert request.after_version == 5
+    rpc.send_response(event(6, session_pb2.SESSION_EVENT_TYPE_COMPLETED))
+    rpc.terminate((), grpc.StatusCode.OK, "")
+    assert watcher.next_version() == 6
+    watcher.ends()
+    assert after_versions(channel) == [5, 5]
+
+
 def test_retry_info_delay_is_slept_before_reconnecting(
     client: Client, fake: grpc_testing.Channel, channel: RecordingChannel, sleeps: list[float]
 ) -> None:

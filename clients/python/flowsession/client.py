@@ -225,10 +225,10 @@ class Client:
         backoff. A stream that ends with OK after a non-terminal event (the server never does; a
         proxy might) is re-opened the same way. The server ends at once, with nothing sent, when
         `after_version` is the terminal version: on such an end a GetSession (with `timeout`, else
-        CHECK_TIMEOUT_S) tells whether the session has ended at that version, which ends the
-        iterator, or else the stream is re-opened. `timeout` applies to each stream attempt; every
-        open waits for the connection (wait_for_ready), so without a timeout a server that never
-        comes up blocks the iterator. `max_reconnects` caps consecutive re-opens with no new event
+        CHECK_TIMEOUT_S, whose expiry then re-opens the stream rather than raise) tells whether the
+        session has ended at that version, which ends the iterator, or else the stream is re-opened.
+        `timeout` applies to each stream attempt; every open waits for the connection
+        (wait_for_ready), so without a timeout a server that never comes up blocks the iterator. `max_reconnects` caps consecutive re-opens with no new event
         or heartbeat in between (None: unlimited). Raises CursorExpiredError on CURSOR_EXPIRED
         (with .oldest_version), FlowsessionError for any other failure or when the cap is hit.
         """
@@ -264,10 +264,19 @@ class Client:
             # else (a proxy closing an idle stream) must not end the watch: the session tells which.
             if ended or received:
                 return ended
-            session = self.sessions.GetSession(
-                session_service_pb2.GetSessionRequest(environment=environment, session_id=session_id),
-                timeout=CHECK_TIMEOUT_S if timeout is None else timeout,
-            ).session
+            try:
+                session = self._invoke(
+                    lambda: self.sessions.GetSession(
+                        session_service_pb2.GetSessionRequest(environment=environment, session_id=session_id),
+                        timeout=CHECK_TIMEOUT_S if timeout is None else timeout,
+                    )
+                ).session
+            except grpc.RpcError as err:
+                # The check's own deadline (the watch has none) says nothing the caller asked for: re-open,
+                # as after any early end (the stream ends at once again if the watch is over).
+                if timeout is None and err.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+                    return False
+                raise
             return session.status != _RUNNING and session.version == last_version
 
         def adopt(error: FlowsessionError) -> None:
@@ -382,7 +391,7 @@ class Client:
         while True:
             # wait_for_ready (set by open_stream): while the connection is down a re-open waits for
             # it, paced by gRPC's jittered exponential connection backoff.
-            call = self._open(open_stream)
+            call = self._invoke(open_stream)
             received = False
             try:
                 for response in call:
@@ -409,11 +418,12 @@ class Client:
             if self._closed.is_set():
                 raise _closed_error() from cause
 
-    def _open(self, open_stream: Callable[[], Any]) -> Any:
+    def _invoke(self, call: Callable[[], Any]) -> Any:
+        """Starts a call on the channel, or raises the closed error once close() has run."""
         if self._closed.is_set():
             raise _closed_error()
         try:
-            return open_stream()
+            return call()
         except ValueError:  # grpc's "Cannot invoke RPC on closed channel!": close() won a race
             if self._closed.is_set():
                 raise _closed_error() from None
