@@ -16,12 +16,12 @@ writer's disk thread so the loop keeps serving reads and streams meanwhile; so d
 another process holds the write lock. The first commit of a stall cannot be foreseen: it blocks the loop
 for as long as it takes, once per DISK_HOLD_S at most.
 
-Only a commit on the loop times the disk. One on the disk thread is timed with every wait for the GIL in
-it (the sqlite3 module releases it for each step of COMMIT, as os.stat does for the file checks around
-it, and a busy loop keeps each wait up to the 5 ms switch interval): a fast disk under load timed at
-5-60 ms there, so commits never came back, and "stalls" renewed the hold. A fast one there still
-counts (it is fast with its waits); otherwise, while the average keeps commits on the disk thread, one
-commit per PROBE_S runs on the loop to time the disk again.
+A commit on the disk thread is timed with every wait for the GIL in it (the sqlite3 module releases it
+for each step of COMMIT, as os.stat does for the file checks around it, and a busy loop keeps each wait
+up to the 5 ms switch interval): a fast disk under load timed at 5-60 ms there, so commits never came
+back, and "stalls" renewed the hold. So one there counts only when fast (it is fast with its waits),
+only a commit on the loop starts or renews the hold, and while the average keeps commits on the disk
+thread, one commit per PROBE_S runs on the loop to time the disk again.
 
 The price of the loop commit: at saturation the loop waits out each fsync instead of working meanwhile,
 and fewer commands share a commit. The bench's closed loops lost 1-9% of their status changes/s, but a
