@@ -238,6 +238,18 @@ def error_info(
     return rich_status(code, f"{reason.lower()} happened", *details)
 
 
+def reopened_then_ended(
+    fake: grpc_testing.Channel, watcher: Watcher, after_version: int, end: int = session_pb2.SESSION_EVENT_TYPE_COMPLETED
+) -> None:
+    """The next WatchSession asks after ``after_version``, gets the terminal event, and the watch ends."""
+    request, rpc = take_watch(fake)
+    assert request.after_version == after_version
+    rpc.send_response(event(after_version + 1, end))
+    rpc.terminate((), grpc.StatusCode.OK, "")
+    assert watcher.next_version() == after_version + 1
+    watcher.ends()
+
+
 def after_versions(channel: RecordingChannel) -> list[int]:
     return [request.after_version for request, _ in channel.calls]
 
@@ -303,13 +315,7 @@ def test_resume_before_any_event_uses_the_original_after_version(
     request, rpc = take_watch(fake)
     assert request.after_version == 7
     unavailable(rpc)
-
-    request, rpc = take_watch(fake)
-    assert request.after_version == 7
-    rpc.send_response(event(8, session_pb2.SESSION_EVENT_TYPE_ABORTED))
-    rpc.terminate((), grpc.StatusCode.OK, "")
-    assert watcher.next_version() == 8
-    watcher.ends()
+    reopened_then_ended(fake, watcher, 7, session_pb2.SESSION_EVENT_TYPE_ABORTED)
 
 
 def test_a_stream_cut_before_its_first_event_resumes_from_the_servers_last_version(
@@ -366,6 +372,14 @@ def test_an_ok_end_after_a_non_terminal_event_resumes_after_it(
     assert after_versions(channel) == [0, 2]
 
 
+def ended_with_nothing_sent(client: Client, fake: grpc_testing.Channel, after_version: int) -> Watcher:
+    """A watch whose first stream ends with OK before sending anything."""
+    watcher = Watcher(client, after_version=after_version)
+    _, rpc = take_watch(fake)
+    rpc.terminate((), grpc.StatusCode.OK, "")
+    return watcher
+
+
 def answer_get_session(fake: grpc_testing.Channel, status: int, version: int) -> session_service_pb2.GetSessionRequest:
     _, request, rpc = within_deadline(lambda: fake.take_unary_unary(GET_SESSION))
     session = session_pb2.Session(session_id="s-1", status=status, version=version)  # type: ignore[arg-type]
@@ -377,9 +391,7 @@ def test_an_ok_end_with_nothing_sent_ends_the_iterator_once_the_session_has_ende
     client: Client, fake: grpc_testing.Channel, channel: RecordingChannel
 ) -> None:
     # What the server answers when after_version already is the session's terminal version.
-    watcher = Watcher(client, after_version=5)
-    _, rpc = take_watch(fake)
-    rpc.terminate((), grpc.StatusCode.OK, "")
+    watcher = ended_with_nothing_sent(client, fake, after_version=5)
     request = answer_get_session(fake, session_pb2.SESSION_STATUS_ABORTED, 5)
     assert (request.environment, request.session_id) == ("live", "s-1")
     watcher.ends()
@@ -390,16 +402,9 @@ def test_an_ok_end_with_nothing_sent_on_a_running_session_resumes(
     client: Client, fake: grpc_testing.Channel, channel: RecordingChannel
 ) -> None:
     # A proxy closing an idle stream before its first heartbeat once ended the iterator silently.
-    watcher = Watcher(client, after_version=5)
-    _, rpc = take_watch(fake)
-    rpc.terminate((), grpc.StatusCode.OK, "")
+    watcher = ended_with_nothing_sent(client, fake, after_version=5)
     answer_get_session(fake, session_pb2.SESSION_STATUS_RUNNING, 5)
-    request, rpc = take_watch(fake)
-    assert request.after_version == 5
-    rpc.send_response(event(6, session_pb2.SESSION_EVENT_TYPE_COMPLETED))
-    rpc.terminate((), grpc.StatusCode.OK, "")
-    assert watcher.next_version() == 6
-    watcher.ends()
+    reopened_then_ended(fake, watcher, 5)
     assert after_versions(channel) == [5, 5]
 
 
@@ -421,9 +426,7 @@ def test_a_close_that_wins_the_race_to_the_get_session_ends_the_watch_cancelled(
 
     channel = Channel(fake)
     client = channel.client = Client(channel)  # type: ignore[arg-type]
-    watcher = Watcher(client, after_version=5)
-    _, rpc = take_watch(fake)
-    rpc.terminate((), grpc.StatusCode.OK, "")
+    watcher = ended_with_nothing_sent(client, fake, after_version=5)
     error = watcher.error()
     assert (error.code, error.message) == (grpc.StatusCode.CANCELLED, "the client was closed")
 
@@ -433,17 +436,10 @@ def test_a_deadline_of_the_check_does_not_end_a_watch_without_a_timeout(
 ) -> None:
     # The GetSession after an OK end with nothing sent has its own deadline (CHECK_TIMEOUT_S) when the
     # watch has none: a server slow to answer it made a watch without a timeout raise DEADLINE_EXCEEDED.
-    watcher = Watcher(client, after_version=5)
-    _, rpc = take_watch(fake)
-    rpc.terminate((), grpc.StatusCode.OK, "")
+    watcher = ended_with_nothing_sent(client, fake, after_version=5)
     _, _, get = within_deadline(lambda: fake.take_unary_unary(GET_SESSION))
     get.terminate(session_service_pb2.GetSessionResponse(), (), grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
-    request, rpc = take_watch(fake)  # re-opened, as after any early end
-    assert request.after_version == 5
-    rpc.send_response(event(6, session_pb2.SESSION_EVENT_TYPE_COMPLETED))
-    rpc.terminate((), grpc.StatusCode.OK, "")
-    assert watcher.next_version() == 6
-    watcher.ends()
+    reopened_then_ended(fake, watcher, 5)  # as after any early end
     assert after_versions(channel) == [5, 5]
 
 
