@@ -11,7 +11,7 @@ from flowsession.v1 import flow_service_pb2 as fpb
 from flowsession.v1 import session_service_pb2 as spb
 from google.protobuf import struct_pb2
 
-from ..support import TIMEOUT, expect_error, new_session, published_flow, report, step
+from ..support import ACCEPTED, TIMEOUT, end, expect_error, new_session, published_flow, report, step
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 SERVICES = [fpb.DESCRIPTOR.services_by_name["FlowService"], spb.DESCRIPTOR.services_by_name["SessionService"]]
@@ -156,3 +156,52 @@ def test_echoed_values_are_cut_in_violations_and_metadata(client):
 def test_many_violations_stay_invalid_argument(client, rpc, request_):
     err = expect_error(getattr(client.sessions, rpc), request_, INVALID, "INVALID_ARGUMENT")
     assert err.field_violations and int(err.metadata["omitted_violations"]) > 0
+
+
+def _pages(rpc, request, items: str) -> list:
+    """Every page of a list RPC, following next_page_token; each page must parse on a default client."""
+    pages = []
+    while True:
+        page = rpc(request, timeout=TIMEOUT)
+        pages.append(list(getattr(page, items)))
+        if not page.next_page_token:
+            return pages
+        request.page_token = page.next_page_token
+
+
+def test_a_page_of_sessions_with_inputs_at_the_limit_stays_readable(client):
+    # 20 inputs of 250 KiB are a 5 MB page: every default client refused it (RESOURCE_EXHAUSTED,
+    # "Received message larger than max"), and the environment's default listing could not be read.
+    flow_id = published_flow(client)
+    big = struct_pb2.Struct()
+    big.update({"k": "a" * (250 * 1024)})
+    created = [new_session(client, flow_id, input=big).session.session_id for _ in range(20)]
+    pages = _pages(client.sessions.ListSessions, spb.ListSessionsRequest(environment="live"), "sessions")
+    assert len(pages) > 1 and all(pages)
+    listed = [s.session_id for page in pages for s in page]
+    assert listed == created[::-1]
+    assert all(s.input == big for page in pages for s in page)
+
+
+def test_a_page_of_wide_flow_versions_stays_readable(client):
+    # 200 steps of 50 routes with 64-character names: about 1.4 MB a version, so 4 of them broke the page.
+    flow_id = _flow_id(client)
+    name = lambda i: f"s{i:03d}" + "x" * 60  # noqa: E731
+    steps = [step(name(i), "t" * 64, **{f"v{j:02d}" + "v" * 61: name(i + 1) for j in range(50)}) for i in range(199)]
+    steps.append(end(name(199), ACCEPTED))
+    request = fpb.CreateFlowVersionRequest(flow_id=flow_id, start_step_id=name(0), steps=steps)
+    for _ in range(4):
+        client.flows.CreateFlowVersion(request, timeout=TIMEOUT)
+    pages = _pages(client.flows.ListFlowVersions, fpb.ListFlowVersionsRequest(flow_id=flow_id), "flow_versions")
+    assert len(pages) > 1 and all(pages)
+    assert [fv.version for page in pages for fv in page] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("seconds, nanos", [(5, 2_000_000_000), (2, -500_000_000), (-1, 999_999_999)])
+def test_an_execution_timeout_that_is_no_valid_duration_is_refused(client, seconds, nanos):
+    # {seconds: 5, nanos: 2e9} was stored as 7 s: protobuf's Duration allows nanos within ±999,999,999,
+    # of the seconds' sign, and a server that renormalises stores a timeout the client never meant.
+    request = fpb.CreateFlowVersionRequest(flow_id=_flow_id(client), start_step_id="a", steps=[step("a", ok="e"), end("e", ACCEPTED)])
+    request.execution_timeout.seconds, request.execution_timeout.nanos = seconds, nanos
+    expect_error(client.flows.CreateFlowVersion, request, INVALID, "INVALID_ARGUMENT", fields=("execution_timeout",))
+    assert client.flows.ListFlowVersions(fpb.ListFlowVersionsRequest(flow_id=request.flow_id), timeout=TIMEOUT).flow_versions == []

@@ -77,7 +77,10 @@ def execution_timeout(v: Violations, request: Any) -> timedelta:
     d = request.execution_timeout
     total_ns = d.seconds * 1_000_000_000 + d.nanos
     low, high = (int(t / timedelta(microseconds=1)) * 1000 for t in (MIN_EXECUTION_TIMEOUT, MAX_EXECUTION_TIMEOUT))
-    if not low <= total_ns <= high:
+    if not -999_999_999 <= d.nanos <= 999_999_999 or (d.seconds > 0 > d.nanos) or (d.seconds < 0 < d.nanos):
+        # Not a Duration (nanos beyond a second, or of the other sign): refused, not silently renormalised.
+        v.add("execution_timeout", "is not a valid Duration: nanos must be within ±999,999,999 and of the seconds' sign")
+    elif not low <= total_ns <= high:
         v.add("execution_timeout", "must be between 1 second and 30 days")
     elif d.nanos % 1000:
         v.add("execution_timeout", "must be a whole number of microseconds")

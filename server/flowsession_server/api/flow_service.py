@@ -67,10 +67,11 @@ class FlowService(flow_service_pb2_grpc.FlowServiceServicer):
         v.raise_if_any()
         key = self._store.keys.page_key
         after = paging.decode(key, ["flows"], request.page_token)
+        found = [(f, convert.flow_pb(f)) for f in await self._store.list_flows(after, size + 1)]
         flows, token = paging.cut(
-            key, ["flows"], await self._store.list_flows(after, size + 1), size, self._store.flow_position
+            key, ["flows"], found, size, lambda item: self._store.flow_position(item[0]), weigh=lambda item: item[1].ByteSize()
         )
-        return pb.ListFlowsResponse(flows=[convert.flow_pb(f) for f in flows], next_page_token=token)
+        return pb.ListFlowsResponse(flows=[f for _, f in flows], next_page_token=token)
 
     @errors.unary
     async def CreateFlowVersion(
@@ -127,15 +128,15 @@ class FlowService(flow_service_pb2_grpc.FlowServiceServicer):
         key = self._store.keys.page_key
         query = ["flow_versions", request.flow_id]
         after = paging.decode(key, query, request.page_token)
+        found = await self._store.list_flow_versions(request.flow_id, after[0] if after else 0, size + 1)
         versions, token = paging.cut(
             key,
             query,
-            await self._store.list_flow_versions(request.flow_id, after[0] if after else 0, size + 1),
+            [convert.flow_version_pb(fv) for fv in found],
             size,
             lambda fv: [fv.version],
+            weigh=lambda fv: fv.ByteSize(),
         )
-        return pb.ListFlowVersionsResponse(
-            flow_versions=[convert.flow_version_pb(fv) for fv in versions], next_page_token=token
-        )
+        return pb.ListFlowVersionsResponse(flow_versions=versions, next_page_token=token)
 
 

@@ -120,6 +120,7 @@ class SessionService(session_service_pb2_grpc.SessionServiceServicer):
             await self._store.list_sessions(request.environment, request.flow_id, statuses, after, size + 1),
             size,
             self._store.session_position,
+            weigh=lambda s: convert.session_pb(s).ByteSize(),
         )
         return pb.ListSessionsResponse(sessions=[convert.session_pb(s) for s in found], next_page_token=token)
 

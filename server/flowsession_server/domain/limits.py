@@ -28,6 +28,9 @@ MAX_ERROR_MESSAGE = 2_048
 MAX_ENVIRONMENT = 64
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1_000
+# A list page ends early once it holds this many serialized bytes: gRPC clients refuse messages over 4 MiB by
+# default, and 50 sessions with inputs of 256 KiB, or 4 flow versions of 200 wide steps, are more.
+MAX_PAGE_BYTES = 3 * 1024 * 1024
 
 # Step ids and verdicts travel in URLs and logs, so keep them to a safe alphabet.
 TOKEN_PATTERN = re.compile(r"[A-Za-z0-9_.\-]+")  # used with fullmatch

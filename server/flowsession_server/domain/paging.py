@@ -11,6 +11,7 @@ import hmac
 import json
 from typing import Any, Callable, TypeVar
 
+from . import limits
 from .errors import FieldViolation, InvalidArgument
 
 
@@ -51,9 +52,27 @@ def _invalid(why: str) -> InvalidArgument:
 T = TypeVar("T")
 
 
-def cut(key: bytes, query: Any, items: list[T], size: int, position: Callable[[T], list[Any]]) -> tuple[list[T], str]:
-    """Given up to size + 1 items, returns the page and the token of the next one ("" on the last page)."""
-    if len(items) <= size:
-        return items, ""
+def cut(
+    key: bytes,
+    query: Any,
+    items: list[T],
+    size: int,
+    position: Callable[[T], list[Any]],
+    weigh: Callable[[T], int] | None = None,
+    max_bytes: int = limits.MAX_PAGE_BYTES,
+) -> tuple[list[T], str]:
+    """Given up to size + 1 items, returns the page and the token of the next one ("" on the last page).
+    With ``weigh`` (an item's serialized size), the page also ends before the item that would take it
+    over ``max_bytes`` (it always holds one): a page within the limits could otherwise exceed the 4 MiB
+    that gRPC clients receive by default, and no client could read it."""
     page = items[:size]
+    if weigh is not None:
+        total = 0
+        for i, item in enumerate(page):
+            total += weigh(item) + 8  # the repeated field's tag and length
+            if total > max_bytes and i:
+                page = page[:i]
+                break
+    if len(page) == len(items):
+        return items, ""
     return page, encode(key, query, position(page[-1]))
