@@ -617,6 +617,39 @@ def test_list_sessions_reads_again_when_another_writer_expired_the_page_first(
     run(tmp_path, body, clock)
 
 
+def test_list_sessions_never_shows_running_past_a_deadline_that_passed_while_another_writer_expired_the_page(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock(T0)
+    real = commands.expire_sessions
+
+    def scheduler_first(environment: str, session_ids: list[str], now: datetime) -> writer.Command:
+        def run(conn: sqlite3.Connection) -> writer.Done[int]:
+            theirs = commands.expire_due(1000, now)(conn)  # the expiry scheduler's pass got there first
+            mine = real(environment, session_ids, now)(conn)
+            clock.advance(timedelta(minutes=1))  # meanwhile the next session's deadline passes
+            return writer.Done(mine.value, theirs.events + mine.events)
+
+        return run
+
+    monkeypatch.setattr(commands, "expire_sessions", scheduler_first)
+
+    async def body(store: Store, _rec: Recorder) -> None:
+        flow = await published_flow(store)
+        await create(store, flow.flow_id, "ses_1")
+        clock.advance(timedelta(minutes=1))
+        await create(store, flow.flow_id, "ses_2")
+        clock.advance(TIMEOUT - timedelta(minutes=1))  # ses_1 is due, ses_2 a minute later
+        listed = await store.list_sessions(ENV, "", (), None, 10)
+        now = clock.now()
+        assert [s.session_id for s in listed if s.status is SessionStatus.RUNNING and now >= s.expire_time] == []
+        assert [(s.session_id, s.status) for s in listed] == [
+            ("ses_2", SessionStatus.EXPIRED), ("ses_1", SessionStatus.EXPIRED),
+        ]
+
+    run(tmp_path, body, clock)
+
+
 def test_expire_due_expires_only_due_sessions(tmp_path: Path) -> None:
     clock = FakeClock(T0)
 

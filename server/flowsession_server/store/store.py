@@ -165,16 +165,20 @@ class Store:
         deadline: the overdue sessions of the page are expired first, and the page is read again (with a
         RUNNING filter that brings in more of them, until a page has none)."""
         statuses = tuple(statuses)
-        expired_some = True
+        tried: set[str] = set()
         while True:
             found = await self._read(reads.list_sessions, environment, flow_id, statuses, after, limit)
             now = self._clock.now()
             overdue = [s.session_id for s in found if s.status is SessionStatus.RUNNING and now >= s.expire_time]
-            # After a pass that expired none (the scheduler or another call was first, so read again; or
-            # the clock stepped back before the deadlines), this read is the answer: never spin.
-            if not overdue or not expired_some:
+            # Each session is sent to the writer once: one still RUNNING after that was not overdue by the
+            # writer's clock (it stepped back), so this read is the answer and the loop never spins. A
+            # pass that expired none (the scheduler or another process was first) still reads again, and
+            # expires what fell due meanwhile, rather than answer it RUNNING past its deadline.
+            fresh = [sid for sid in overdue if sid not in tried]
+            if not fresh:
                 return found
-            expired_some = bool(await self._write(commands.expire_sessions, environment, overdue))
+            tried.update(fresh)
+            await self._write(commands.expire_sessions, environment, fresh)
 
     @staticmethod
     def session_position(session: Session) -> list[Any]:
