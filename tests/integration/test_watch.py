@@ -198,3 +198,33 @@ def test_resuming_after_versions_retention_pruned_is_cursor_expired_not_a_gap(tm
             assert [e.version for e in watch_raw(client, sid)] == [4]
     finally:
         server.stop()
+
+
+def test_watch_from_zero_starts_at_the_retained_state_when_retention_prunes_the_one_it_read(tmp_path):
+    # The stream reads the session (version 1, older than retention), then its log. If the session
+    # ends in between and retention prunes version 1 (no longer the latest), after_version 0 must still
+    # work: it starts from the oldest retained event, the current state.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .test_watch_sessions import Gate
+
+    clock = FakeClock(SystemClock().now())
+    server = ServerThread(settings_for(tmp_path, event_retention=timedelta(days=7)), clock=clock)
+    try:
+        with connect(server.address) as client, ThreadPoolExecutor(max_workers=1) as pool:
+            flow_id = published_flow(client, timeout_s=30 * 86400)
+            sid = new_session(client, flow_id).session.session_id
+            clock.advance(timedelta(days=8))
+            gate = Gate(server, "events_after")  # the stream's read of the log waits
+            watched = pool.submit(watch_raw, client, sid)
+            assert gate.entered.wait(TIMEOUT)
+            aborted = client.sessions.AbortSession(
+                spb.AbortSessionRequest(environment="live", session_id=sid, reason="user left"), timeout=TIMEOUT
+            ).session
+            assert aborted.version == 2
+            assert server.call(server.server.retention.prune()) == 1  # version 1
+            gate.open()
+            events = watched.result(TIMEOUT)
+            assert [(e.version, e.type) for e in events] == [(2, EV.SESSION_EVENT_TYPE_ABORTED)]
+    finally:
+        server.stop()

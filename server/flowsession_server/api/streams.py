@@ -154,10 +154,14 @@ class Streams:
         watcher = self._hub.watch_session(request.session_id)
         last = request.after_version
 
-        async def history() -> list[SessionEvent]:
-            """The log after ``last``, refused when retention has deleted some of it (also mid-replay)."""
+        async def history(*, from_current: bool = False) -> list[SessionEvent]:
+            """The log after ``last``, refused when retention has deleted some of it (also mid-replay).
+            ``from_current``: after_version 0, whose stream starts at the current state; should the
+            session have changed since it was read and retention pruned the state read (no longer the
+            latest), the oldest retained event is the current state to start from (the latest event,
+            never pruned, is there), so nothing is refused."""
             pending = await self._store.events_after(request.session_id, last)
-            if pending and pending[0].version != last + 1:
+            if pending and pending[0].version != last + 1 and not from_current:
                 raise OutOfRange(
                     f"events after version {last} are no longer retained; read the session and watch from 0",
                     reason="CURSOR_EXPIRED",
@@ -180,7 +184,7 @@ class Streams:
                     return  # the caller already has the terminal event
                 # after_version 0 starts from the current state: the event that produced it.
                 last = request.after_version or session.version - 1
-                pending = await history()
+                pending = await history(from_current=not request.after_version)
             finally:
                 self._opening -= 1
             while True:
