@@ -30,6 +30,10 @@ class ExpiryScheduler(BackgroundLoop):
         self._retry_delay = retry_delay
         self._wake = asyncio.Event()
         self._next_due: datetime | None = None
+        # The earliest deadline of the sessions created since the current pass began: the pass's read of
+        # the next deadline may predate their commit (another process's, published by the feed), and
+        # they did not wake the scheduler, since their deadlines are later than the one due now.
+        self._created_since: datetime | None = None
 
     def start(self) -> asyncio.Task[None]:
         return self._spawn(self._run())
@@ -37,18 +41,25 @@ class ExpiryScheduler(BackgroundLoop):
     def observe(self, events: list[SessionEvent]) -> None:
         """Called after each commit: a new session with an earlier deadline moves the next wake-up."""
         for event in events:
-            if event.type is EventType.CREATED and (self._next_due is None or event.session.expire_time < self._next_due):
+            if event.type is not EventType.CREATED:
+                continue
+            due = event.session.expire_time
+            if self._created_since is None or due < self._created_since:
+                self._created_since = due
+            if self._next_due is None or due < self._next_due:
                 self._wake.set()
-                return
 
     async def _run(self) -> None:
         while True:
             # Clear before reading the next deadline, so a wake-up that lands in between is not lost.
             self._wake.clear()
+            self._created_since = None
             try:
                 if await self._store.expire_due(limit=BATCH) >= BATCH:
                     continue
-                self._next_due = await self._store.next_expiry()
+                found = await self._store.next_expiry()
+                created = self._created_since
+                self._next_due = found if created is None or (found is not None and found <= created) else created
             except DomainError as exc:  # the store is busy or failing: health shows it; try again shortly
                 log.warning("expiry pass failed: %s", exc)
                 self._next_due = None
