@@ -591,21 +591,27 @@ def test_list_sessions_expires_every_overdue_session_a_running_filter_pages_thro
     run(tmp_path, body, clock)
 
 
-def test_list_sessions_reads_again_when_another_writer_expired_the_page_first(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    clock = FakeClock(T0)
+def scheduler_first(monkeypatch: pytest.MonkeyPatch, then: Callable[[], None] = lambda: None) -> None:
+    """Every expire_sessions command finds the expiry scheduler's pass got there first, then runs ``then``."""
     real = commands.expire_sessions
 
-    def scheduler_first(environment: str, session_ids: list[str], now: datetime) -> writer.Command:
+    def expire_sessions(environment: str, session_ids: list[str], now: datetime) -> writer.Command:
         def run(conn: sqlite3.Connection) -> writer.Done[int]:
-            theirs = commands.expire_due(1000, now)(conn)  # the expiry scheduler's pass got there first
+            theirs = commands.expire_due(1000, now)(conn)
             mine = real(environment, session_ids, now)(conn)
+            then()
             return writer.Done(mine.value, theirs.events + mine.events)
 
         return run
 
-    monkeypatch.setattr(commands, "expire_sessions", scheduler_first)
+    monkeypatch.setattr(commands, "expire_sessions", expire_sessions)
+
+
+def test_list_sessions_reads_again_when_another_writer_expired_the_page_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock(T0)
+    scheduler_first(monkeypatch)
 
     async def body(store: Store, _rec: Recorder) -> None:
         flow = await published_flow(store)
@@ -621,18 +627,7 @@ def test_list_sessions_never_shows_running_past_a_deadline_that_passed_while_ano
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     clock = FakeClock(T0)
-    real = commands.expire_sessions
-
-    def scheduler_first(environment: str, session_ids: list[str], now: datetime) -> writer.Command:
-        def run(conn: sqlite3.Connection) -> writer.Done[int]:
-            theirs = commands.expire_due(1000, now)(conn)  # the expiry scheduler's pass got there first
-            mine = real(environment, session_ids, now)(conn)
-            clock.advance(timedelta(minutes=1))  # meanwhile the next session's deadline passes
-            return writer.Done(mine.value, theirs.events + mine.events)
-
-        return run
-
-    monkeypatch.setattr(commands, "expire_sessions", scheduler_first)
+    scheduler_first(monkeypatch, then=lambda: clock.advance(timedelta(minutes=1)))  # the next deadline passes meanwhile
 
     async def body(store: Store, _rec: Recorder) -> None:
         flow = await published_flow(store)
