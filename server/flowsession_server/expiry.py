@@ -58,8 +58,7 @@ class ExpiryScheduler(BackgroundLoop):
                 if await self._store.expire_due(limit=BATCH) >= BATCH:
                     continue
                 found = await self._store.next_expiry()
-                created = self._created_since
-                self._next_due = found if created is None or (found is not None and found <= created) else created
+                self._next_due = min((d for d in (found, self._created_since) if d is not None), default=None)
             except DomainError as exc:  # the store is busy or failing: health shows it; try again shortly
                 log.warning("expiry pass failed: %s", exc)
                 self._next_due = None

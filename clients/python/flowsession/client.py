@@ -228,8 +228,9 @@ class Client:
         CHECK_TIMEOUT_S, whose expiry then re-opens the stream rather than raise) tells whether the
         session has ended at that version, which ends the iterator, or else the stream is re-opened.
         `timeout` applies to each stream attempt; every open waits for the connection
-        (wait_for_ready), so without a timeout a server that never comes up blocks the iterator. `max_reconnects` caps consecutive re-opens with no new event
-        or heartbeat in between (None: unlimited). Raises CursorExpiredError on CURSOR_EXPIRED
+        (wait_for_ready), so without a timeout a server that never comes up blocks the iterator.
+        `max_reconnects` caps consecutive re-opens with no new event or heartbeat in between (None:
+        unlimited). Raises CursorExpiredError on CURSOR_EXPIRED
         (with .oldest_version), FlowsessionError for any other failure or when the cap is hit.
         """
         last_version = after_version
@@ -352,8 +353,8 @@ class Client:
             if not response.HasField("event"):
                 heartbeat = response.heartbeat
                 # A heartbeat travels behind every event sent before it, so its cursor is safe to
-                # resume from; "" (from an older server, before anything was committed) or an older cursor
-                # moves nothing.
+                # resume from; "" (an older server's, before anything was committed) or an older
+                # cursor moves nothing.
                 if heartbeat.cursor and not _not_after(heartbeat.cursor, last_cursor):
                     last_cursor = heartbeat.cursor
                 return True, heartbeat if heartbeats else None

@@ -272,6 +272,11 @@ def parse_cursor(token: str) -> tuple[str, LogPosition, bool] | None:
     return epoch, LogPosition(int(cursor, 16), tag or ""), tag is not None
 
 
+def byte_size(message: Any) -> int:
+    """A message's serialized size (what a list page weighs its answers by)."""
+    return int(message.ByteSize())
+
+
 def event_response(kind: type[T], event: SessionEvent, epoch: str) -> T:
     """A watch response (WatchSessionResponse or WatchSessionsResponse) carrying ``event``, built in place."""
     response = kind()

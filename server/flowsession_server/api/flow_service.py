@@ -67,11 +67,16 @@ class FlowService(flow_service_pb2_grpc.FlowServiceServicer):
         v.raise_if_any()
         key = self._store.keys.page_key
         after = paging.decode(key, ["flows"], request.page_token)
-        found = [(f, convert.flow_pb(f)) for f in await self._store.list_flows(after, size + 1)]
         flows, token = paging.cut(
-            key, ["flows"], found, size, lambda item: self._store.flow_position(item[0]), weigh=lambda item: item[1].ByteSize()
+            key,
+            ["flows"],
+            await self._store.list_flows(after, size + 1),
+            size,
+            self._store.flow_position,
+            convert.flow_pb,
+            convert.byte_size,
         )
-        return pb.ListFlowsResponse(flows=[f for _, f in flows], next_page_token=token)
+        return pb.ListFlowsResponse(flows=flows, next_page_token=token)
 
     @errors.unary
     async def CreateFlowVersion(
@@ -128,15 +133,13 @@ class FlowService(flow_service_pb2_grpc.FlowServiceServicer):
         key = self._store.keys.page_key
         query = ["flow_versions", request.flow_id]
         after = paging.decode(key, query, request.page_token)
-        found = await self._store.list_flow_versions(request.flow_id, after[0] if after else 0, size + 1)
         versions, token = paging.cut(
             key,
             query,
-            [convert.flow_version_pb(fv) for fv in found],
+            await self._store.list_flow_versions(request.flow_id, after[0] if after else 0, size + 1),
             size,
             lambda fv: [fv.version],
-            weigh=lambda fv: fv.ByteSize(),
+            convert.flow_version_pb,
+            convert.byte_size,
         )
         return pb.ListFlowVersionsResponse(flow_versions=versions, next_page_token=token)
-
-

@@ -114,15 +114,16 @@ class SessionService(session_service_pb2_grpc.SessionServiceServicer):
         key = self._store.keys.page_key
         query = ["sessions", request.environment, request.flow_id, sorted(s.value for s in statuses)]
         after = paging.decode(key, query, request.page_token)
-        found, token = paging.cut(
+        sessions, token = paging.cut(
             key,
             query,
             await self._store.list_sessions(request.environment, request.flow_id, statuses, after, size + 1),
             size,
             self._store.session_position,
-            weigh=lambda s: convert.session_pb(s).ByteSize(),
+            convert.session_pb,
+            convert.byte_size,
         )
-        return pb.ListSessionsResponse(sessions=[convert.session_pb(s) for s in found], next_page_token=token)
+        return pb.ListSessionsResponse(sessions=sessions, next_page_token=token)
 
     @errors.unary
     async def ReportStepResult(

@@ -50,6 +50,7 @@ def _invalid(why: str) -> InvalidArgument:
 
 
 T = TypeVar("T")
+A = TypeVar("A")
 
 
 def cut(
@@ -58,21 +59,22 @@ def cut(
     items: list[T],
     size: int,
     position: Callable[[T], list[Any]],
-    weigh: Callable[[T], int] | None = None,
+    answer: Callable[[T], A],
+    weigh: Callable[[A], int],
     max_bytes: int = limits.MAX_PAGE_BYTES,
-) -> tuple[list[T], str]:
-    """Given up to size + 1 items, returns the page and the token of the next one ("" on the last page).
-    With ``weigh`` (an item's serialized size), the page also ends before the item that would take it
-    over ``max_bytes`` (it always holds one): a page within the limits could otherwise exceed the 4 MiB
-    that gRPC clients receive by default, and no client could read it."""
-    page = items[:size]
-    if weigh is not None:
-        total = 0
-        for i, item in enumerate(page):
-            total += weigh(item) + 8  # the repeated field's tag and length
-            if total > max_bytes and i:
-                page = page[:i]
-                break
-    if len(page) == len(items):
-        return items, ""
-    return page, encode(key, query, position(page[-1]))
+) -> tuple[list[A], str]:
+    """Given up to size + 1 items, returns the page's answers (``answer`` of each item) and the token of
+    the next page ("" on the last one). The page also ends before the item whose answer would take it
+    over ``max_bytes`` by ``weigh`` (its serialized size; a page always holds one): a page within the
+    limits could otherwise exceed the 4 MiB that gRPC clients receive by default, and none could read it."""
+    answers: list[A] = []
+    total = 0
+    for item in items[:size]:
+        one = answer(item)
+        total += weigh(one) + 8  # the repeated field's tag and length
+        if total > max_bytes and answers:
+            break
+        answers.append(one)
+    if len(answers) == len(items):
+        return answers, ""
+    return answers, encode(key, query, position(items[len(answers) - 1]))
