@@ -143,12 +143,7 @@ class Streams:
 
     async def _next(self, watcher: Watcher) -> SessionEvent | None:
         """The next live event, or None when the stream has been idle for the heartbeat interval."""
-        try:
-            # asyncio.timeout, not wait_for: no extra task per event on a hot path.
-            async with asyncio.timeout(self._settings.heartbeat):
-                return await watcher.next()
-        except TimeoutError:
-            return None
+        return await watcher.next_within(self._settings.heartbeat)
 
     async def watch_session(self, request: pb.WatchSessionRequest, context: grpc.aio.ServicerContext) -> None:
         watcher = self._hub.watch_session(request.session_id)

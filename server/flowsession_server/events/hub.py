@@ -32,6 +32,12 @@ class Watcher:
         self._ready = asyncio.Event()
         self._ended: DomainError | None = None
         self._on_end: Callable[[], None] | None = None
+        # next_within's idleness: since when it waits, and its one timer (fired early, it re-arms).
+        self._waiting_since = 0.0
+        self._waiting = False
+        self._idle_due = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = 0.0
         # While catching up from the log, an overflow only means "read more from the log".
         self.catching_up = catching_up
         self.overflowed = False
@@ -101,8 +107,51 @@ class Watcher:
             self._ready.clear()
             await self._ready.wait()
 
+    async def next_within(self, idle: float) -> SessionEvent | None:
+        """The next event, or None after ``idle`` seconds of waiting for one (a heartbeat is due).
+
+        One timer per watcher, armed when a wait starts and re-armed only when it fires early: a timeout
+        per event (a timer created, pushed on the loop's heap and cancelled, per event and stream) cost
+        about a tenth of each delivery."""
+        loop = asyncio.get_running_loop()
+        self._waiting_since = loop.time()
+        self._idle_due = False
+        self._waiting = True
+        try:
+            while True:
+                if self._ended is not None:
+                    raise self._ended
+                if self._buffer:
+                    return self._buffer.popleft()
+                if self._idle_due:
+                    return None
+                if self._timer is None:
+                    self._arm(loop, self._waiting_since + idle, idle)
+                self._ready.clear()
+                await self._ready.wait()
+        finally:
+            self._waiting = False
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, when: float, idle: float) -> None:
+        self._timer_when = when
+        self._timer = loop.call_at(when, self._on_timer, loop, idle)
+
+    def _on_timer(self, loop: asyncio.AbstractEventLoop, idle: float) -> None:
+        self._timer = None
+        if not self._waiting:
+            return  # the next wait arms it again
+        due = self._waiting_since + idle
+        if due <= self._timer_when:
+            self._idle_due = True
+            self._ready.set()
+        else:  # a newer wait started after this timer was armed
+            self._arm(loop, due, idle)
+
     def close(self) -> None:
         self._hub.unsubscribe(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         # The callback (the stream's sender) holds this watcher: a cycle per stream, freed only by a
         # rare full collection, would keep the stream's task and call state alive until then.
         self._on_end = None
