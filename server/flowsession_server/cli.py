@@ -124,14 +124,16 @@ def tune_gc() -> None:
 
 
 async def serve(settings: Settings, address: str) -> None:
-    server, port = await build_server(settings, address)
-    tune_gc()
-    host = address.rsplit(":", 1)[0]
-    print(f"listening on {host}:{port}", flush=True)
+    # The handlers come first: a SIGTERM sent as soon as "listening on" is out (or during start-up)
+    # must stop the server gracefully, not kill it with the signal's default action.
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    server, port = await build_server(settings, address)
+    tune_gc()
+    host = address.rsplit(":", 1)[0]
+    print(f"listening on {host}:{port}", flush=True)
     await stop.wait()
     logging.getLogger(__name__).info("shutting down")
     await server.stop()

@@ -8,6 +8,8 @@ import fcntl
 import gc
 import os
 import select
+import subprocess
+import sys
 import termios
 import time
 from pathlib import Path
@@ -87,6 +89,31 @@ def test_environment_variables_configure_serve(tmp_path):
     finally:
         assert proc.terminate() == 0
         proc.close()
+
+
+# The child sends itself SIGTERM the instant it has printed "listening on", as a supervisor that reads
+# that line and stops the server at once would.
+_SIGTERM_AT_LISTENING = """
+import os, signal, sys
+from flowsession_server import cli
+
+def print_then_sigterm(*args, **kwargs):
+    print(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+cli.print = print_then_sigterm
+sys.exit(cli.main(["serve", "--address", "127.0.0.1:0", "--db", sys.argv[1]]))
+"""
+
+
+def test_sigterm_right_after_listening_is_a_graceful_stop(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_AT_LISTENING, str(tmp_path / "flowsession.db")],
+        capture_output=True, text=True, timeout=TIMEOUT,
+    )
+    assert proc.stdout.startswith("listening on "), (proc.stdout, proc.stderr)
+    assert proc.returncode == 0, proc.stderr  # not -SIGTERM: the handler was in place before the line
+    assert "shutting down" in proc.stderr
 
 
 def test_a_stopping_server_refuses_a_write_stuck_behind_another_process_lock_within_the_grace(tmp_path):
