@@ -317,6 +317,17 @@ def test_create_session_with_the_same_request_id_and_request_returns_the_same_se
     assert all_session_ids(client) == [first.session.session_id]
 
 
+def test_create_session_retry_with_an_empty_input_set_or_unset_is_the_same_request(client):
+    """Both store no input: generated code in one language may send the empty Struct, in another not."""
+    flow_id = published_flow(client)
+    unset = spb.CreateSessionRequest(flow_id=flow_id, environment="live", request_id="req-1")
+    first = client.sessions.CreateSession(unset, timeout=TIMEOUT)
+    empty = spb.CreateSessionRequest(flow_id=flow_id, environment="live", request_id="req-1")
+    empty.input.SetInParent()
+    again = client.sessions.CreateSession(empty, timeout=TIMEOUT)
+    assert (again.session, again.session_token) == (first.session, first.session_token)
+
+
 @pytest.mark.parametrize(
     "changed",
     [{"state": "other"}, {"metadata": {"a": "2"}}, {"redirect_url": "https://example.com/"}, {"input": struct({"x": 1})}],

@@ -16,10 +16,15 @@ from .streams import Streams
 
 
 def _fingerprint(request: object) -> str:
-    """A stable digest of a request without its request_id: the same retry matches, another payload not."""
+    """A stable digest of a request without its request_id: the same retry matches, another payload not.
+    An empty message field counts as unset (``input`` sent as an empty Struct or not at all is the same
+    request, stored alike), whichever way a client's generated code serializes it."""
     copy = type(request)()
     copy.CopyFrom(request)
     copy.ClearField("request_id")
+    for field, value in copy.ListFields():
+        if field.message_type is not None and not field.is_repeated and not value.ByteSize():
+            copy.ClearField(field.name)
     return hashlib.sha256(copy.SerializeToString(deterministic=True)).hexdigest()
 
 
