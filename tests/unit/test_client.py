@@ -372,6 +372,22 @@ def test_an_ok_end_after_a_non_terminal_event_resumes_after_it(
     assert after_versions(channel) == [0, 2]
 
 
+def test_a_break_after_the_terminal_event_ends_the_watch_without_reopening(
+    client: Client, fake: grpc_testing.Channel, channel: RecordingChannel
+) -> None:
+    # The terminal event is the end; the OK status after it only confirms it. A connection lost between
+    # the two re-opened the stream: with the server gone the iterator then blocked (wait_for_ready) or
+    # raised UNAVAILABLE after it had yielded the terminal event.
+    watcher = Watcher(client, max_reconnects=0)
+    _, rpc = take_watch(fake)
+    rpc.send_response(event(2))
+    rpc.send_response(event(3, session_pb2.SESSION_EVENT_TYPE_ABORTED))
+    assert [watcher.next_version(), watcher.next_version()] == [2, 3]
+    unavailable(rpc)
+    watcher.ends()
+    assert len(channel.calls) == 1
+
+
 def ended_with_nothing_sent(client: Client, fake: grpc_testing.Channel, after_version: int) -> Watcher:
     """A watch whose first stream ends with OK before sending anything."""
     watcher = Watcher(client, after_version=after_version)

@@ -260,9 +260,10 @@ class Client:
             return True, event
 
         def finished(received: bool) -> bool:
-            # The server ends with OK after the terminal event, or at once (nothing sent) when
-            # after_version already is the terminal version. An OK end with nothing sent from anything
-            # else (a proxy closing an idle stream) must not end the watch: the session tells which.
+            # The server ends with OK at once (nothing sent) when after_version already is the terminal
+            # version (after the terminal event the watch has returned already). An OK end with nothing
+            # sent from anything else (a proxy closing an idle stream) must not end the watch: the
+            # session tells which.
             if ended or received:
                 return ended
             try:
@@ -288,7 +289,7 @@ class Client:
             if theirs.isdigit() and int(theirs) > last_version:
                 last_version = int(theirs)
 
-        return self._follow(open_stream, accept, adopt, max_reconnects, finished=finished)
+        return self._follow(open_stream, accept, adopt, max_reconnects, finished=finished, done=lambda: ended)
 
     def watch_sessions(
         self,
@@ -383,11 +384,14 @@ class Client:
         max_reconnects: int | None,
         *,
         finished: Callable[[bool], bool],
+        done: Callable[[], bool] = lambda: False,
     ) -> Iterator[_T]:
         """The resume loop of both watches. open_stream opens a call at the current position;
         accept records a response's position and returns (progress, item to yield or None); adopt
         takes the position a resumable error names; finished(whether the attempt received anything)
-        tells an OK end that ends the watch from one to resume after."""
+        tells an OK end that ends the watch from one to resume after; done() true after an item (the
+        terminal event) ends the watch there, without waiting for the stream's end: a break between
+        the two must not re-open a watch that is over."""
         attempts = 0  # consecutive re-opens without progress: the cap's count and the backoff's exponent
         while True:
             # wait_for_ready (set by open_stream): while the connection is down a re-open waits for
@@ -402,6 +406,8 @@ class Client:
                         attempts = 0
                     if item is not None:
                         yield item
+                    if done():
+                        return
                 if finished(received):
                     return
                 error, cause = FlowsessionError(grpc.StatusCode.UNAVAILABLE, "the stream ended early with OK"), None
