@@ -119,6 +119,84 @@ class ServerProcess:
                 stream.close()
 
 
+class Blackhole:
+    """A loopback TCP proxy to ``upstream`` (HOST:PORT) on its own event loop. ``silence()`` stops
+    forwarding on the connections it holds without closing them, as a NAT or proxy that dropped its
+    state does: only keepalive can notice. Connections made after it are forwarded again."""
+
+    def __init__(self, upstream: str):
+        host, port = upstream.rsplit(":", 1)
+        self._upstream = (host, int(port))
+        self._links: list[_Link] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="test-blackhole", daemon=True)
+        self._thread.start()
+        self._server = self._call(asyncio.start_server(self._accept, "127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(TIMEOUT)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self._upstream)
+        except OSError:
+            writer.transport.abort()
+            return
+        link = _Link(writer, up_writer)
+        self._links.append(link)
+        await asyncio.gather(link.pump(reader, up_writer), link.pump(up_reader, writer))
+
+    def silence(self) -> None:
+        async def silence() -> None:
+            for link in self._links:
+                link.silenced = True
+
+        self._call(silence())
+
+    def close(self) -> None:
+        async def close() -> None:
+            self._server.close()
+            for link in self._links:
+                link.abort()
+            await asyncio.gather(*self._tasks, return_exceptions=True)  # the pumps end on the aborts
+
+        try:
+            self._call(close())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(TIMEOUT)
+            self.loop.close()
+
+
+class _Link:
+    """One proxied connection: both directions, silenced together."""
+
+    def __init__(self, *writers: asyncio.StreamWriter):
+        self._writers = writers
+        self.silenced = False
+
+    async def pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                if not self.silenced:  # read and dropped: the peer's writes still succeed
+                    writer.write(data)
+                    await writer.drain()
+        except ConnectionError:
+            pass
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        for writer in self._writers:
+            writer.transport.abort()
+
+
 def settings_for(tmp_path: Path, **changes: Any) -> Settings:
     # A short shutdown drain: hundreds of servers stop in the suite, mostly idle ones.
     return replace(Settings(db_path=str(tmp_path / "flowsession.db"), shutdown_drain=0.02), **changes)

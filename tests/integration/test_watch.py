@@ -11,16 +11,20 @@ from google.protobuf import struct_pb2
 
 from flowsession.client import FlowsessionError, connect
 from flowsession.v1 import flow_pb2, session_pb2, session_service_pb2 as spb
+from flowsession.v1.session_service_pb2_grpc import SessionServiceStub
+from flowsession_server.api import app
 from flowsession_server.clock import FakeClock, SystemClock
 
 from ..support import (
     TIMEOUT,
+    Blackhole,
     ServerThread,
     expect_error,
     new_session,
     published_flow,
     report,
     settings_for,
+    wait_until,
     watch_raw,
     watcher_count,
 )
@@ -134,6 +138,52 @@ def test_client_watch_yields_events_until_terminal(client):
     report(client, sid, "liveness", "bad")
     assert [got.get(timeout=TIMEOUT) for _ in range(3)] == [2, 3, None]
 
+
+
+def test_a_connection_gone_silent_is_found_by_keepalive_and_the_watch_resumes(server, client):
+    # A peer that vanishes without closing the connection is noticed by keepalive alone. gRPC waits
+    # grpc.http2.ping_timeout_ms (1 minute unless set) for the ack, not keepalive_timeout_ms, so the
+    # watch sat on the dead connection for a minute instead of resuming after the timeout it was given.
+    flow_id = published_flow(client)
+    sid = new_session(client, flow_id).session.session_id
+    proxy = Blackhole(server.address)
+    try:
+        fast = [("grpc.keepalive_time_ms", 1_000), ("grpc.keepalive_timeout_ms", 500)]
+        with connect(proxy.address, options=fast) as watching:
+            events = watching.watch("live", sid, timeout=TIMEOUT)  # a stream attempt lasts TIMEOUT at most
+            assert next(events).version == 1
+            proxy.silence()
+            report(client, sid, "document", "ok")  # committed while the connection is silent
+            assert next(events).version == 2  # on a new connection, after the dead one was given up
+            events.close()
+    finally:
+        proxy.close()
+
+
+def test_the_server_frees_the_watcher_slot_of_a_client_gone_silent(tmp_path, monkeypatch):
+    """The server's own pings find a client that vanished without closing (its keepalive off here):
+    within keepalive_time + the ack timeout, not gRPC's default minute for the ack. The server's
+    keepalive times are scaled down 100-fold; what the test checks is that an ack timeout is set."""
+    timing = {"grpc.keepalive_time_ms", "grpc.keepalive_timeout_ms", "grpc.http2.ping_timeout_ms"}
+    scaled = [(k, v // 100 if k in timing else v) for k, v in app.SERVER_OPTIONS]
+    monkeypatch.setattr(app, "SERVER_OPTIONS", scaled)
+    server = ServerThread(settings_for(tmp_path))
+    proxy = Blackhole(server.address)
+    try:
+        with connect(server.address) as client:
+            sid = new_session(client, published_flow(client)).session.session_id
+        with grpc.insecure_channel(proxy.address) as silent:
+            stream = SessionServiceStub(silent).WatchSession(
+                spb.WatchSessionRequest(environment="live", session_id=sid), timeout=60
+            )
+            assert next(stream).event.version == 1
+            assert watcher_count(server) == 1
+            proxy.silence()
+            wait_until(lambda: watcher_count(server) == 0, timeout=5.0)  # 1.2 + 0.2 s; without the ack timeout 61 s
+            stream.cancel()
+    finally:
+        proxy.close()
+        server.stop()
 
 
 def test_a_watch_that_stops_reading_is_cut_off_with_the_last_version_it_was_sent(tmp_path):

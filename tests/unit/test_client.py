@@ -664,9 +664,23 @@ def test_connect_opens_an_insecure_channel_with_keepalive_then_caller_options(
     assert dict(KEEPALIVE_OPTIONS) == {
         "grpc.keepalive_time_ms": 60_000,
         "grpc.keepalive_timeout_ms": 20_000,
+        "grpc.http2.ping_timeout_ms": 20_000,
         "grpc.keepalive_permit_without_calls": 1,
         "grpc.http2.max_pings_without_data": 0,
     }
+
+    # gRPC waits grpc.http2.ping_timeout_ms for a keepalive ack: a caller's keepalive_timeout_ms
+    # carries over to it, unless the caller sets both.
+    opened.clear()
+    with connect("localhost:50051", options=[("grpc.keepalive_timeout_ms", 5_000)]):
+        pass
+    (_, options), = opened
+    assert (dict(options)["grpc.keepalive_timeout_ms"], dict(options)["grpc.http2.ping_timeout_ms"]) == (5_000, 5_000)
+    opened.clear()
+    with connect("localhost:50051", options=[("grpc.keepalive_timeout_ms", 5_000), ("grpc.http2.ping_timeout_ms", 7_000)]):
+        pass
+    (_, options), = opened
+    assert dict(options)["grpc.http2.ping_timeout_ms"] == 7_000
 
 
 # --- watch(): heartbeats and WATCHER_TOO_SLOW ------------------------------------------------------

@@ -25,17 +25,21 @@ from flowsession.v1 import flow_service_pb2_grpc, session_pb2, session_service_p
 
 # A watch stream can sit idle for minutes between events; proxies, NATs and load balancers drop
 # idle TCP connections silently. Pinging every 60 s keeps the connection alive and a missed ack
-# (20 s) turns a dead peer into UNAVAILABLE, which watch() resumes from. max_pings_without_data=0
-# lifts the default cap of 2 pings while no data flows (an idle stream sends none), and
-# permit_without_calls keeps pinging with no call open. The server permits pings without calls
-# and every 30 s (grpc.http2.min_ping_interval_without_data_ms), so 60 s never earns a
-# too_many_pings GOAWAY.
+# (20 s) turns a dead peer into UNAVAILABLE, which watch() resumes from. gRPC core waits for a
+# ping's ack for grpc.http2.ping_timeout_ms (1 minute unless set), not keepalive_timeout_ms, so
+# both are set: with only the latter a dead connection took 60 + 60 s to notice, not 60 + 20.
+# max_pings_without_data=0 lifts the default cap of 2 pings while no data flows (an idle stream
+# sends none), and permit_without_calls keeps pinging with no call open. The server permits pings
+# without calls and every 30 s (grpc.http2.min_ping_interval_without_data_ms), so 60 s never earns
+# a too_many_pings GOAWAY.
 KEEPALIVE_OPTIONS: list[tuple[str, object]] = [
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.ping_timeout_ms", 20_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
+_KEEPALIVE_TIMEOUT, _PING_TIMEOUT = "grpc.keepalive_timeout_ms", "grpc.http2.ping_timeout_ms"
 
 # Re-opens without a server RetryInfo wait per tenacity's "full jitter" strategy: uniform in
 # [0, min(5 s, 50 ms * 2^(n-1))] for the n-th consecutive re-open, so a restart's reconnect storm
@@ -443,6 +447,10 @@ def _closed_error() -> FlowsessionError:
 
 def connect(address: str, *, options: Sequence[tuple[str, object]] = ()) -> Client:
     """Opens an insecure channel to address with the keepalive defaults; an option in `options`
-    replaces the default of the same name (gRPC would take the first of two)."""
+    replaces the default of the same name (gRPC would take the first of two). A keepalive_timeout_ms
+    of yours also sets the ping ack timeout gRPC applies (grpc.http2.ping_timeout_ms), unless you
+    pass that too."""
     merged = {**dict(KEEPALIVE_OPTIONS), **dict(options)}
+    if _KEEPALIVE_TIMEOUT in dict(options) and _PING_TIMEOUT not in dict(options):
+        merged[_PING_TIMEOUT] = merged[_KEEPALIVE_TIMEOUT]
     return Client(grpc.insecure_channel(address, options=list(merged.items())))

@@ -34,10 +34,13 @@ SERVICE_NAMES = (
 )
 
 # Clients ping idle streams every 60 s (flowsession.client.KEEPALIVE_OPTIONS); allowing one every 30 s
-# leaves room, so no client gets a too_many_pings GOAWAY. The server pings too, to find dead peers.
+# leaves room, so no client gets a too_many_pings GOAWAY. The server pings too, to find dead peers (and
+# free their watcher slots); gRPC core waits ping_timeout_ms for the ack (1 minute unless set), not
+# keepalive_timeout_ms.
 SERVER_OPTIONS: Sequence[tuple[str, int]] = (
     ("grpc.keepalive_time_ms", 120_000),
     ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.http2.ping_timeout_ms", 20_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.min_ping_interval_without_data_ms", 30_000),
     ("grpc.http2.max_ping_strikes", 2),
