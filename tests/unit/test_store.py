@@ -1217,6 +1217,67 @@ def test_a_flow_version_read_in_a_batch_that_failed_to_commit_is_not_remembered(
     run(tmp_path, body)
 
 
+def test_a_commit_that_writes_nothing_does_not_show_a_full_disk_writable_again(tmp_path: Path) -> None:
+    """On a full disk only the commits that write fail. A refused verb (or a replay, or an expiry pass with
+    nothing due) commits nothing and succeeded, which turned health SERVING while every write still failed."""
+
+    async def body(store: Store, rec: Recorder) -> None:
+        w = store._writer
+        assert w is not None and w._conn is not None
+        flow = await published_flow(store)
+        commit, baseline = w._commit, w._conn.total_changes
+
+        def full_disk(conn: sqlite3.Connection) -> None:
+            nonlocal baseline
+            wrote, baseline = conn.total_changes != baseline, conn.total_changes
+            if wrote:
+                raise sqlite3.OperationalError("database or disk is full")
+            commit(conn)
+
+        w._commit = full_disk  # type: ignore[method-assign]
+        with pytest.raises(Unavailable):
+            await create(store, flow.flow_id, "ses_1")
+        assert rec.health[-1] is False
+        with pytest.raises(NotFound):  # committed, writing nothing
+            await store.change_session(ENV, "ses_nope", abort())
+        assert not store.writable and rec.health[-1] is False
+        with pytest.raises(Unavailable):
+            await create(store, flow.flow_id, "ses_1")
+        w._commit = commit  # type: ignore[method-assign]  # room on the disk again
+        assert (await create(store, flow.flow_id, "ses_1")).version == 1
+        assert store.writable and rec.health[-1] is True
+
+    run(tmp_path, body)
+
+
+def test_health_comes_back_by_itself_once_a_failed_commit_is_over(tmp_path: Path) -> None:
+    """After a failed commit, health stayed NOT_SERVING until some call wrote: with clients and load
+    balancers that follow health sending none, for good. The writer writes by itself meanwhile."""
+
+    async def body(store: Store, rec: Recorder) -> None:
+        w = store._writer
+        assert w is not None
+        w._recheck_s = 0.01
+        flow = await published_flow(store)
+        commit = w._commit
+        failures = {"left": 3}  # the fault outlasts the call, then ends
+
+        def failing(conn: sqlite3.Connection) -> None:
+            if failures["left"]:
+                failures["left"] -= 1
+                raise sqlite3.OperationalError("disk I/O error")
+            commit(conn)
+
+        w._commit = failing  # type: ignore[method-assign]
+        with pytest.raises(Unavailable):
+            await create(store, flow.flow_id, "ses_1")
+        assert rec.health[-1] is False
+        await until(lambda: store.writable)  # no call in between
+        assert rec.health == [False, True] and failures["left"] == 0
+
+    run(tmp_path, body)
+
+
 def test_checkpoints_copy_the_wal_into_the_database_file_outside_the_commit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

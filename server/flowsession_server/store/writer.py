@@ -74,6 +74,10 @@ PROBE_S = 1.0
 CHECKPOINT_COMMITS = 100
 CHECKPOINT_ROWS = 500
 CHECKPOINT_FRAMES = 1000
+# While a failed commit keeps the store unhealthy and no command comes, the writer commits a write of
+# its own this often (one meta row), so health comes back once the fault is over even when
+# nothing else writes: a load balancer or client that follows health sends no calls meanwhile.
+RECHECK_S = 1.0
 
 
 @dataclass
@@ -118,6 +122,7 @@ class Writer:
         # whatever they remembered of it must go (commands.PublishedVersions).
         self._on_rollback = on_rollback
         self._slow_commit = SLOW_COMMIT_S  # tests lower it to force commits onto the disk thread
+        self._recheck_s = RECHECK_S  # tests lower it
         self._commit_time = 0.0  # moving average, seconds
         self._disk_until = 0.0  # time.monotonic() until which commits stay on the disk thread
         # time.monotonic() from which the next commit runs on the loop although the average is high; None
@@ -211,7 +216,14 @@ class Writer:
                 if self._closing:
                     return
                 self._wake.clear()
-                await self._wake.wait()
+                if self.healthy or self._moved is not None:
+                    await self._wake.wait()
+                    continue
+                try:
+                    async with asyncio.timeout(self._recheck_s):
+                        await self._wake.wait()
+                except TimeoutError:
+                    self._jobs.append(self._recheck())
                 continue
             batch = [self._jobs.popleft() for _ in range(min(len(self._jobs), self._max_batch))]
             self._batch_size = len(batch)
@@ -238,6 +250,7 @@ class Writer:
         if self._moved is not None:
             self._refuse(batch, self._moved)
             return
+        changes = conn.total_changes
         try:
             await self._begin(conn)
             for job in batch:
@@ -273,8 +286,18 @@ class Writer:
             self._set_health(False)
             self._refuse(batch, f"the store could not commit: {exc}")
             return
-        self._set_health(True)
+        # Only a commit that wrote shows the store writable again: one of commands that were all refused,
+        # or found nothing to do, succeeds on a full disk too.
+        if conn.total_changes != changes:
+            self._set_health(True)
         _resolve(self._on_commit, results, events)
+
+    def _recheck(self) -> _Job:
+        """A command that writes, and that nobody waits for: run while the store is unhealthy."""
+        assert self._loop is not None
+        future: asyncio.Future[Any] = self._loop.create_future()
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())  # its failure is the health's
+        return _Job(_touch, future)
 
     def _timed_commit(self, conn: sqlite3.Connection) -> float:
         """COMMIT; returns the seconds it took (on the disk thread: with the wait for the GIL after it,
@@ -419,6 +442,15 @@ class Writer:
                 self._on_health(healthy)
             except Exception:  # after a COMMIT: the callers must still hear that it committed
                 log.exception("on_health failed")
+
+
+def _touch(conn: sqlite3.Connection) -> Done[None]:
+    # A new value: SQLite writes no page for a row updated to the bytes it already holds.
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('write_check', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [os.urandom(8).hex()],
+    )
+    return Done()
 
 
 class _GaveUpWaiting(Exception):
