@@ -1381,6 +1381,34 @@ def test_writes_are_refused_once_the_database_file_is_no_longer_at_its_path(tmp_
     run(tmp_path, body)
 
 
+def test_a_database_file_that_cannot_be_checked_for_a_while_is_not_taken_for_moved(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stat of the path failing otherwise than "not there" (its directory chmod-ed for a moment) refused
+    every write until a restart, as for a file moved away, although the file never moved."""
+    real_stat = os.stat
+    denied = {"on": False}
+
+    def stat(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if denied["on"] and os.fspath(path) == db(tmp_path):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_stat(path, *args, **kwargs)
+
+    async def body(store: Store, rec: Recorder) -> None:
+        flow = await published_flow(store)
+        monkeypatch.setattr(writer.os, "stat", stat)
+        denied["on"] = True
+        with pytest.raises(Unavailable) as info:
+            await create(store, flow.flow_id, "ses_1")
+        assert info.value.reason == "STORE_UNAVAILABLE" and rec.health[-1] is False
+        assert [e for e in rec.events if e.session_id == "ses_1"] == []  # rolled back, nothing published
+        denied["on"] = False
+        assert (await create(store, flow.flow_id, "ses_1")).version == 1
+        assert store.writable and rec.health[-1] is True
+
+    run(tmp_path, body)
+
+
 def test_a_chdir_does_not_look_like_a_moved_database_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     relative = "flowsession.db"

@@ -279,7 +279,7 @@ class Writer:
             log.warning("shutting down: %d commands waiting for another process's write lock are refused", len(batch))
             _resolve(self._on_commit, [(job, Unavailable.shutting_down("nothing of it was written; retry it")) for job in batch], [])
             return
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:  # OSError: the file at the path could not be checked
             self.publishing = None  # rolled back: nothing of it will be published
             log.exception("commit failed; %d commands are refused", len(batch))
             await self._rollback()
@@ -364,10 +364,15 @@ class Writer:
         SQLite goes on committing into a file that was deleted or moved away (it has no
         SQLITE_READONLY_DBMOVED check there): those writes would be lost, or split from a process that
         opens a new file at the path. Checked again after COMMIT for a move in between."""
-        if _identity(self._path) != self._file:
+        if _identity(self._path) != self._file:  # an OSError (it cannot be told) fails this batch alone
             raise _Moved(committed=False)
         conn.execute("COMMIT")
-        if _identity(self._path) != self._file:
+        try:
+            moved = _identity(self._path) != self._file
+        except OSError as exc:  # it was there an instant ago, and the batch has committed
+            log.warning("could not check the database file after a commit: %s", exc)
+            moved = False
+        if moved:
             raise _Moved(committed=True)
 
     def _refuse(self, batch: list[_Job], message: str) -> None:
@@ -464,9 +469,12 @@ class _Moved(Exception):
 
 
 def _identity(path: str) -> tuple[int, int] | None:
+    """The (device, inode) of the file at ``path``; None when there is none. Any other failure (its
+    directory made unsearchable for a while, say) raises OSError: it tells nothing about a move, so it
+    must not refuse every later write as one does."""
     try:
         st = os.stat(path)
-    except OSError:  # gone, or its directory unreadable: it cannot be shown to be the same file
+    except (FileNotFoundError, NotADirectoryError):
         return None
     return st.st_dev, st.st_ino
 
