@@ -8,12 +8,14 @@ import logging
 import math
 import os
 import signal
+import sqlite3
 import sys
 from dataclasses import replace
 from datetime import timedelta
 
 from .api.app import build_server
 from .config import DEFAULT_ENVIRONMENTS, Settings
+from .store.schema import SchemaError
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
@@ -123,6 +125,22 @@ def tune_gc() -> None:
     gc.set_threshold(young, middle, 1000)
 
 
+class CannotStart(Exception):
+    """The start failed for a reason the operator can act on; main prints it, without a traceback."""
+
+
+def _database_problem(path: str, exc: BaseException) -> str:
+    where = os.path.abspath(path)
+    folder = os.path.dirname(where)
+    if not os.path.isdir(folder):
+        why = f"its directory {folder} does not exist"
+    elif os.path.isdir(where):
+        why = "it is a directory"
+    else:
+        why = str(exc)
+    return f"cannot use the database {where}: {why}"
+
+
 async def serve(settings: Settings, address: str) -> None:
     # The handlers come first: a SIGTERM sent as soon as "listening on" is out (or during start-up)
     # must stop the server gracefully, not kill it with the signal's default action.
@@ -130,7 +148,10 @@ async def serve(settings: Settings, address: str) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server, port = await build_server(settings, address)
+    try:
+        server, port = await build_server(settings, address)
+    except (sqlite3.Error, OSError, SchemaError) as exc:
+        raise CannotStart(_database_problem(settings.db_path, exc)) from exc
     tune_gc()
     host = address.rsplit(":", 1)[0]
     print(f"listening on {host}:{port}", flush=True)
@@ -143,7 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = settings_from(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(settings, args.address))
+    try:
+        asyncio.run(serve(settings, args.address))
+    except CannotStart as exc:
+        print(f"flowsession: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

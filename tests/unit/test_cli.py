@@ -1,11 +1,14 @@
 """`flowsession serve` flags and FLOWSESSION_* variables fill Settings; bad values stop the start."""
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 from datetime import timedelta
 
 import pytest
 
 from flowsession_server import cli
+from flowsession_server.store import schema
 
 
 def parse(monkeypatch, argv, **env):
@@ -77,3 +80,68 @@ def test_values_on_the_limits_are_accepted(monkeypatch):
     settings = parse(monkeypatch, argv)
     assert settings.watch_queue == 1_000_000 and settings.event_retention.days == 3650
     assert settings.environments == frozenset({"e" * 64})
+
+
+
+def start(capsys, db) -> tuple[int, str]:
+    """`flowsession serve` on ``db`` that is expected to stop at once: its exit code and stderr."""
+    code = cli.main(["serve", "--address", "127.0.0.1:0", "--db", str(db), "--log-level", "CRITICAL"])
+    return code, capsys.readouterr().err
+
+
+def test_a_database_that_cannot_be_opened_stops_the_start_with_a_message(tmp_path, capsys):
+    # Each ended in a traceback of sqlite3's exception.
+    (tmp_path / "garbage.db").write_bytes(b"not sqlite at all " * 1000)
+    (tmp_path / "folder.db").mkdir()
+    for db, why in [
+        (tmp_path / "missing" / "x.db", f"its directory {tmp_path / 'missing'} does not exist"),
+        (tmp_path / "garbage.db", "file is not a database"),
+        (tmp_path / "folder.db", "it is a directory"),
+    ]:
+        assert start(capsys, db) == (1, f"flowsession: cannot use the database {db}: {why}\n")
+
+
+def test_a_database_this_release_must_not_run_on_stops_the_start_with_a_message(tmp_path, capsys, monkeypatch):
+    def refused(conn):
+        raise schema.SchemaError("it was migrated by a newer release of flowsession (m999_later); run that release")
+
+    monkeypatch.setattr(schema, "migrate", refused)
+    db = tmp_path / "x.db"
+    assert start(capsys, db) == (
+        1, f"flowsession: cannot use the database {db}: it was migrated by a newer release of flowsession (m999_later); run that release\n"
+    )
+
+
+def test_a_database_a_newer_release_migrated_is_refused(tmp_path):
+    """An older release started on it as if its schema were its own."""
+    db = str(tmp_path / "x.db")
+    with contextlib.closing(schema.connect(db)) as conn:
+        schema.migrate(conn)
+        conn.execute(
+            "INSERT INTO _sqlite_migrations (migration_set, name, applied_at) VALUES ('flowsession', 'm999_later', '')"
+        )
+        with pytest.raises(schema.SchemaError, match=r"migrated by a newer release of flowsession \(m999_later\)"):
+            schema.migrate(conn)
+        assert not conn.in_transaction
+
+
+def test_another_application_s_database_is_refused_and_left_alone(tmp_path):
+    """A mistyped --db: the server added its tables to the file and started on it."""
+    db = str(tmp_path / "theirs.db")
+    with contextlib.closing(schema.connect(db)) as conn:
+        conn.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY)")
+        with pytest.raises(schema.SchemaError, match=r"not a flowsession database \(it holds tables customers\)"):
+            schema.migrate(conn)
+        assert [r[0] for r in conn.execute("SELECT name FROM sqlite_master")] == ["customers"]
+
+
+def test_migrating_a_database_it_cannot_write_fails(tmp_path):
+    """A read-only file (its mode, a read-only mount) opens without a word; the server then started,
+    SERVING, and refused every write with a retryable STORE_UNAVAILABLE."""
+    db = str(tmp_path / "x.db")
+    with contextlib.closing(schema.connect(db)) as conn:
+        schema.migrate(conn)
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, isolation_level=None)) as readonly:
+            with pytest.raises(sqlite3.OperationalError, match="readonly"):
+                schema.migrate(readonly)
+            assert not readonly.in_transaction

@@ -14,9 +14,19 @@ import tenacity
 from sqlite_utils.migrations import Migrations
 
 migrations = Migrations("flowsession")
+KNOWN: list[str] = []  # this release's migrations, in order
 
 
-@migrations()
+class SchemaError(Exception):
+    """This release cannot use the database file; the start stops with the message."""
+
+
+def _migration(fn):  # type: ignore[no-untyped-def]
+    KNOWN.append(fn.__name__)
+    return migrations()(fn)
+
+
+@_migration
 def m001_initial(db: sqlite_utils.Database) -> None:
     db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
     db.execute(
@@ -68,7 +78,7 @@ def m001_initial(db: sqlite_utils.Database) -> None:
     db.execute("INSERT INTO meta (key, value) VALUES ('pruned_through', '0')")
 
 
-@migrations()
+@_migration
 def m002_retention_floor(db: sqlite_utils.Database) -> None:
     # Retention reads events from a floor up (see commands.prune_events), and finds the floor with the
     # oldest RUNNING session; idempotency keys are pruned by age.
@@ -108,14 +118,37 @@ def connect(path: str, *, synchronous: str = "FULL", create: bool = True) -> sql
 
 def migrate(conn: sqlite3.Connection) -> None:
     """Applies pending migrations under one write lock, so processes starting together on one file
-    take turns: the first migrates, the others then find nothing pending."""
+    take turns: the first migrates, the others then find nothing pending. Refuses (SchemaError) a file
+    a newer release has migrated, or one holding another application's tables; and fails on a file it
+    cannot write, which SQLite opens read-only without a word."""
     db = sqlite_utils.Database(conn)
     conn.execute("BEGIN IMMEDIATE")
     try:
+        applied = [m.name for m in migrations.applied(db)]
+        newer = [name for name in applied if name not in KNOWN]
+        if newer:
+            raise SchemaError(
+                f"it was migrated by a newer release of flowsession ({', '.join(newer)}); run that release"
+            )
+        if not applied:
+            tables = [
+                r[0] for r in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
+                    "AND name != ?", [migrations.migrations_table],
+                )
+            ]
+            if tables:
+                raise SchemaError(f"it is not a flowsession database (it holds tables {', '.join(sorted(tables)[:5])})")
         migrations.apply(db)  # nested in our transaction: sqlite-utils uses savepoints
+        # A write, undone: a read-only file fails it here instead of every write once serving.
+        conn.execute("SAVEPOINT writable")
+        conn.execute("INSERT INTO meta (key, value) VALUES ('writable', '')")
+        conn.execute("ROLLBACK TO writable")
+        conn.execute("RELEASE writable")
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
 
 
