@@ -1409,6 +1409,27 @@ def test_a_database_file_that_cannot_be_checked_for_a_while_is_not_taken_for_mov
     run(tmp_path, body)
 
 
+def test_writes_are_refused_once_the_wal_is_removed_and_what_it_held_is_saved(tmp_path: Path) -> None:
+    """SQLite goes on committing into a removed -wal as into a removed database file, and a start does not
+    find it: after a crash, every write answered since the last checkpoint was gone, also those answered
+    after the removal."""
+    crashed = tmp_path / "as-a-restart-after-kill-9-finds-it.db"
+
+    async def body(store: Store, rec: Recorder) -> None:
+        flow = await published_flow(store)
+        await create(store, flow.flow_id, "ses_1")  # in the -wal only: no checkpoint yet
+        os.remove(db(tmp_path) + "-wal")
+        with pytest.raises(Unavailable) as info:
+            await create(store, flow.flow_id, "ses_2")
+        assert info.value.reason == "STORE_UNAVAILABLE" and "restart" in str(info.value)
+        assert rec.health[-1] is False and not store.writable
+        shutil.copyfile(db(tmp_path), crashed)  # the database file alone, before any close could save it
+
+    run(tmp_path, body)
+    with contextlib.closing(sqlite3.connect(crashed)) as conn:
+        assert [r[0] for r in conn.execute("SELECT session_id FROM sessions")] == ["ses_1"]
+
+
 def test_a_chdir_does_not_look_like_a_moved_database_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     relative = "flowsession.db"

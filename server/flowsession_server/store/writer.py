@@ -141,6 +141,7 @@ class Writer:
         # The database file as opened, (device, inode); once it is no longer at the path, why every
         # write is refused.
         self._file: tuple[int, int] | None = None
+        self._wal: tuple[int, int] | None = None  # its -wal as opened (None: none then, not checked)
         self._moved: str | None = None
         self._disk = ThreadPoolExecutor(max_workers=1, thread_name_prefix="flowsession-writer-disk")
         self._task: asyncio.Task[None] | None = None
@@ -157,6 +158,7 @@ class Writer:
         self._loop = loop
         self._conn = schema.connect(self._path, synchronous=self._synchronous)
         self._file = _identity(self._path)
+        self._wal = _identity(self._path + "-wal")
         # On the loop a busy lock must fail at once; BEGIN then waits for it on the disk thread.
         self._conn.execute("PRAGMA busy_timeout=0")
         self._conn.execute("PRAGMA wal_autocheckpoint=0")  # see _checkpoint
@@ -266,11 +268,15 @@ class Writer:
                 self._timed(await self._on_disk(self._timed_commit, conn), on_loop=False)
         except _Moved as exc:
             self.publishing = None
-            self._moved = f"the database file {self._path} was removed or moved away while open; restart the server"
+            self._moved = (
+                f"the database file {self._path} or its -wal was removed or moved away while open; restart the server"
+            )
             if exc.committed:
                 log.error("%s: the last batch committed into the moved file anyway", self._moved)
             else:
                 await self._rollback()
+            if exc.wal:
+                await self._save_wal()
             log.error("%s: %d commands are refused, and every later one", self._moved, len(batch))
             self._set_health(False)
             self._refuse(batch, self._moved)
@@ -366,6 +372,10 @@ class Writer:
         opens a new file at the path. Checked again after COMMIT for a move in between."""
         if _identity(self._path) != self._file:  # an OSError (it cannot be told) fails this batch alone
             raise _Moved(committed=False)
+        # The -wal too: commits into an unlinked one are gone at the next start (the batch that a removal
+        # in between lets commit there is saved with the rest, see _save_wal).
+        if self._wal is not None and _identity(self._path + "-wal") != self._wal:
+            raise _Moved(committed=False, wal=True)
         conn.execute("COMMIT")
         try:
             moved = _identity(self._path) != self._file
@@ -374,6 +384,29 @@ class Writer:
             moved = False
         if moved:
             raise _Moved(committed=True)
+
+    async def _save_wal(self) -> None:
+        """The -wal is no longer at the path, so a start would not find what was committed into it since
+        the last checkpoint: copy that into the database file while this connection still has both open."""
+        conn = self._conn
+        assert conn is not None
+
+        def save() -> Any:
+            conn.execute("PRAGMA busy_timeout=5000")  # for readers to move on to the latest commit
+            try:
+                return conn.execute("PRAGMA wal_checkpoint(FULL)").fetchone()
+            finally:
+                conn.execute("PRAGMA busy_timeout=0")
+
+        try:
+            busy, frames, copied = await self._on_disk(save)
+        except sqlite3.Error:
+            log.exception("could not copy the removed -wal into the database file: commits since the last checkpoint are lost at a restart")
+            return
+        if busy or copied < frames:
+            log.error("copied %d of %d frames of the removed -wal into the database file; the rest is lost at a restart", copied, frames)
+        else:
+            log.warning("copied the %d frames of the removed -wal into the database file", frames)
 
     def _refuse(self, batch: list[_Job], message: str) -> None:
         failure = Unavailable(message, reason="STORE_UNAVAILABLE", retry_after=1.0)
@@ -463,9 +496,10 @@ class _GaveUpWaiting(Exception):
 
 
 class _Moved(Exception):
-    def __init__(self, *, committed: bool):
+    def __init__(self, *, committed: bool, wal: bool = False):
         super().__init__()
         self.committed = committed
+        self.wal = wal
 
 
 def _identity(path: str) -> tuple[int, int] | None:
