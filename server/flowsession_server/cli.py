@@ -13,7 +13,7 @@ import sys
 from dataclasses import replace
 from datetime import timedelta
 
-from .api.app import build_server
+from .api.app import CannotListen, build_server
 from .config import DEFAULT_ENVIRONMENTS, Settings
 from .store.schema import SchemaError
 
@@ -150,6 +150,8 @@ async def serve(settings: Settings, address: str) -> None:
         loop.add_signal_handler(sig, stop.set)
     try:
         server, port = await build_server(settings, address)
+    except CannotListen as exc:
+        raise CannotStart(str(exc)) from exc
     except (sqlite3.Error, OSError, SchemaError) as exc:
         raise CannotStart(_database_problem(settings.db_path, exc)) from exc
     tune_gc()

@@ -61,6 +61,10 @@ SERVER_OPTIONS: Sequence[tuple[str, int]] = (
 DRAIN_LIMIT = 2.0
 
 
+class CannotListen(Exception):
+    """gRPC could not bind the address (not this host's, a port in use without SO_REUSEPORT, ...)."""
+
+
 class FlowsessionServer:
     """A running server. ``stop()`` is the graceful shutdown that SIGTERM triggers."""
 
@@ -89,6 +93,11 @@ class FlowsessionServer:
             await self.health.set(name, status)
 
     async def start(self, address: str) -> int:
+        # Bound first: an address that cannot be used stops the start before the store is opened.
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise CannotListen(f"cannot listen on {address}: {exc}") from exc
         await self.store.open(self.feed.on_commit, self._on_health)
         await self.feed.start()
         # "Now" for new watchers is the log's head at start, not the beginning of the log.
@@ -115,7 +124,6 @@ class FlowsessionServer:
         errors.add_servicer(
             reflection_pb2_grpc.add_ServerReflectionServicer_to_server, self.reflection, self.server, lenient=False
         )
-        self.port = self.server.add_insecure_port(address)
         await self.server.start()
         await self._publish_health()
         return self.port
