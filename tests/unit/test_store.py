@@ -1217,6 +1217,27 @@ def test_a_flow_version_read_in_a_batch_that_failed_to_commit_is_not_remembered(
     run(tmp_path, body)
 
 
+def test_a_corrupt_page_met_by_a_command_fails_the_batch_as_a_store_failure(tmp_path: Path) -> None:
+    """sqlite3 raises DatabaseError itself, not OperationalError, for a corrupt page: it was taken for
+    the command's own bug, answered INTERNAL, and the rest of the batch committed around it."""
+
+    async def body(store: Store, rec: Recorder) -> None:
+        w = store._writer
+        assert w is not None
+        flow = await published_flow(store)
+
+        def corrupt(conn: sqlite3.Connection) -> None:
+            raise sqlite3.DatabaseError("database disk image is malformed")
+
+        results = await gathered_in_one_go(store, w.submit(corrupt), store.create_session(new_session(flow.flow_id, "ses_1"), None))
+        assert all(isinstance(r, Unavailable) and r.reason == "STORE_UNAVAILABLE" for r in results), results
+        assert rec.health[-1] is False
+        with pytest.raises(NotFound):
+            await store.get_session(ENV, "ses_1")
+
+    run(tmp_path, body)
+
+
 def test_a_commit_that_writes_nothing_does_not_show_a_full_disk_writable_again(tmp_path: Path) -> None:
     """On a full disk only the commits that write fail. A refused verb (or a replay, or an expiry pass with
     nothing due) commits nothing and succeeded, which turned health SERVING while every write still failed."""

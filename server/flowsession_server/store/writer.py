@@ -463,8 +463,16 @@ class Writer:
             conn.execute("ROLLBACK TO command")
             conn.execute("RELEASE command")
             return exc
-        except sqlite3.OperationalError:
-            raise  # disk full, I/O error: fail the whole batch rather than commit around it
+        except sqlite3.DatabaseError as exc:
+            # Disk full, I/O error (OperationalError), a corrupt page or no database (DatabaseError
+            # itself): the store failed, so the whole batch does rather than commit around it. The
+            # subclasses (IntegrityError, ProgrammingError, ...) are this command's own bug.
+            if isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError:
+                raise
+            log.exception("write command failed")
+            conn.execute("ROLLBACK TO command")
+            conn.execute("RELEASE command")
+            return exc
         except Exception as exc:  # a bug in one command must not take the others down
             log.exception("write command failed")
             conn.execute("ROLLBACK TO command")
