@@ -1217,6 +1217,26 @@ def test_a_flow_version_read_in_a_batch_that_failed_to_commit_is_not_remembered(
     run(tmp_path, body)
 
 
+def test_a_write_whose_caller_went_away_before_its_batch_began_is_not_made(tmp_path: Path) -> None:
+    """A call cut off by its deadline while another process held the write lock was committed once the
+    lock was free: a retried abort (no request_id) then answered SESSION_TERMINAL for a call whose
+    first attempt the caller saw fail."""
+
+    async def body(store: Store, rec: Recorder) -> None:
+        flow = await published_flow(store)
+        await create(store, flow.flow_id, "ses_1")
+        with write_lock_held(store.path):
+            gone = asyncio.ensure_future(store.change_session(ENV, "ses_1", abort()))
+            await until(lambda: store.queued_writes == 1)
+            gone.cancel()
+        await create(store, flow.flow_id, "ses_2")  # the writer has been through the batch before it
+        assert gone.cancelled()
+        assert (await store.get_session(ENV, "ses_1")).status is SessionStatus.RUNNING
+        assert (await store.change_session(ENV, "ses_1", abort())).status is SessionStatus.ABORTED
+
+    run(tmp_path, body)
+
+
 def test_a_corrupt_page_met_by_a_command_fails_the_batch_as_a_store_failure(tmp_path: Path) -> None:
     """sqlite3 raises DatabaseError itself, not OperationalError, for a corrupt page: it was taken for
     the command's own bug, answered INTERNAL, and the rest of the batch committed around it."""

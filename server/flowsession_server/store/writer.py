@@ -256,7 +256,10 @@ class Writer:
         try:
             await self._begin(conn)
             for job in batch:
-                results.append((job, self._run_one(conn, job)))
+                # Its caller went away (deadline, cancel) while it waited, for another process's lock
+                # say: unwritten, it stays so, and a retry (an abort has no request_id) finds no surprise.
+                if not job.future.cancelled():
+                    results.append((job, self._run_one(conn, job)))
             events = [ev for _, done in results if isinstance(done, Done) for ev in done.events]
             if events:
                 self.publishing = (events[0].cursor, events[-1].cursor)
