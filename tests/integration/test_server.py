@@ -30,6 +30,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from flowsession.client import CursorExpiredError, FlowsessionError, connect
 from flowsession.v1 import flow_service_pb2 as fpb, session_pb2, session_service_pb2 as spb
 from flowsession_server.api import streams as streams_module, tokens
+from flowsession_server.api.app import CannotListen, build_server
 from flowsession_server.events import hub as hub_module
 from flowsession_server.domain.errors import DomainError, Unavailable
 from flowsession_server.store import reads
@@ -609,3 +610,13 @@ async def _set_task_factory(factory: Any) -> None:
 
 async def _wait_for(task: asyncio.Task[Any]) -> None:
     await asyncio.wait_for(asyncio.shield(task), TIMEOUT)
+
+
+def test_a_second_server_on_an_address_in_use_does_not_start(tmp_path):
+    """With gRPC's default SO_REUSEPORT it bound the port too and took half of the connections."""
+    first = ServerThread(settings_for(tmp_path))
+    try:
+        with pytest.raises(CannotListen, match=f"cannot listen on {first.address}"):
+            first.call(build_server(settings_for(tmp_path / "other"), first.address))
+    finally:
+        first.stop()
