@@ -42,7 +42,7 @@ from flowsession_server.domain.model import (
     SessionStatus,
     Step,
 )
-from flowsession_server.store import codec, commands, schema, writer
+from flowsession_server.store import codec, commands, reads, schema, writer
 from flowsession_server.store.commands import IdempotencyKey, NewSession, Verb
 from flowsession_server.retention import Retention
 from flowsession_server.store.store import Store
@@ -298,6 +298,79 @@ def test_flow_version_publish_session_round_trip(tmp_path: Path) -> None:
         assert info.value.reason == "FLOW_VERSION_NOT_FOUND"
 
     run(tmp_path, body, clock)
+
+
+class CommitsDuringFirstSelect:
+    """A reader's connection on which another connection (another process, or this one's writer) commits
+    ``write`` while the read's first SELECT is open: what a read of several statements must not see half of."""
+
+    def __init__(self, conn: sqlite3.Connection, path: str, write: Callable[[sqlite3.Connection], Any]):
+        self._conn = conn
+        self._path = path
+        self._write: Callable[[sqlite3.Connection], Any] | None = write
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._conn.in_transaction
+
+    def execute(self, sql: str, *args: Any) -> sqlite3.Cursor:
+        cursor = self._conn.execute(sql, *args)
+        if self._write is not None and sql.lstrip().upper().startswith("SELECT"):
+            write, self._write = self._write, None
+            other = schema.connect(self._path)
+            try:
+                other.execute("BEGIN IMMEDIATE")
+                write(other)
+                other.execute("COMMIT")
+            finally:
+                other.close()
+        return cursor
+
+
+def _consistent(flows: list[Flow], versions: list[Any]) -> None:
+    for flow in flows:
+        assert all(v <= flow.latest_version for v in flow.published_versions.values()), flow
+    for fv in versions:
+        assert fv.state is FlowVersionState.PUBLISHED or not fv.environments, fv
+    for environment in (ENV, "staging"):
+        assert len([fv for fv in versions if environment in fv.environments]) <= 1, versions
+
+
+@pytest.mark.parametrize("read", ["get_flow", "list_flows", "get_flow_version", "list_flow_versions"])
+def test_a_read_of_a_flow_or_its_versions_sees_one_commit_whole(tmp_path: Path, read: str) -> None:
+    """Each read ran its statements (the rows, then each one's publications) in a snapshot of its own:
+    a publish committed in between gave a DRAFT published to live, two versions published to live, or a
+    flow with a version published beyond its latest_version."""
+
+    async def body(store: Store, rec: Recorder) -> str:
+        flow = await published_flow(store)
+        await store.create_flow_version(flow.flow_id, GRAPH, TIMEOUT)
+        return flow.flow_id
+
+    flow_id = run(tmp_path, body)
+
+    def publish_2_then_3(conn: sqlite3.Connection) -> None:
+        commands.publish_flow_version(flow_id, 2, ENV, T0)(conn)
+        commands.create_flow_version(flow_id, GRAPH, TIMEOUT, T0)(conn)
+        commands.publish_flow_version(flow_id, 3, "staging", T0)(conn)
+
+    conn = schema.connect(db(tmp_path), create=False)
+    try:
+        racing: Any = CommitsDuringFirstSelect(conn, db(tmp_path), publish_2_then_3)
+        if read == "get_flow":
+            flow = reads.get_flow(racing, flow_id)
+            assert flow is not None
+            _consistent([flow], [])
+        elif read == "list_flows":
+            _consistent(reads.list_flows(racing, None, 10), [])
+        elif read == "get_flow_version":
+            _consistent([], [reads.get_flow_version(racing, flow_id, 2)])
+        else:
+            _consistent([], reads.list_flow_versions(racing, flow_id, 0, 10))
+        assert not conn.in_transaction  # the read's snapshot ended with it
+        assert reads.get_flow_version(conn, flow_id, 2).environments == (ENV,)  # and the next read sees the commit
+    finally:
+        conn.close()
 
 
 # Group commit

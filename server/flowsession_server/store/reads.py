@@ -3,11 +3,12 @@ transaction, and ``Reader`` runs them on its own pooled WAL connections, off the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from ..domain.model import START, Flow, FlowVersion, LogPosition, Session, SessionEvent, SessionStatus
 from ..domain.errors import Unavailable
@@ -20,11 +21,29 @@ EVENT_PAGE = 1000
 _EVENT_COLUMNS = "e.cursor, e.session_id, e.version, e.type, e.event_us, e.body, s.input"
 
 
+@contextlib.contextmanager
+def _snapshot(conn: sqlite3.Connection) -> Iterator[None]:
+    """One read transaction around a read of several statements (a flow row and its publications), so
+    they all see the same commit: each statement on its own would see the commits made between them,
+    and answer a DRAFT published somewhere, two versions published to one environment, or a published
+    version above latest_version. Inside a transaction already (the writer's commands), that one."""
+    if conn.in_transaction:
+        yield
+        return
+    conn.execute("BEGIN")
+    try:
+        yield
+    finally:
+        if conn.in_transaction:  # SQLite may have rolled back already after an I/O error
+            conn.execute("ROLLBACK")
+
+
 def get_flow(conn: sqlite3.Connection, flow_id: str) -> Flow | None:
-    row = conn.execute("SELECT * FROM flows WHERE flow_id = ?", [flow_id]).fetchone()
-    if row is None:
-        return None
-    return codec.flow_from_row(row, _publications(conn, flow_id))
+    with _snapshot(conn):
+        row = conn.execute("SELECT * FROM flows WHERE flow_id = ?", [flow_id]).fetchone()
+        if row is None:
+            return None
+        return codec.flow_from_row(row, _publications(conn, flow_id))
 
 
 def _publications(conn: sqlite3.Connection, flow_id: str) -> dict[str, int]:
@@ -33,21 +52,23 @@ def _publications(conn: sqlite3.Connection, flow_id: str) -> dict[str, int]:
 
 
 def list_flows(conn: sqlite3.Connection, after: list[Any] | None, limit: int) -> list[Flow]:
-    if after is None:
-        rows = conn.execute("SELECT * FROM flows ORDER BY create_us, flow_id LIMIT ?", [limit]).fetchall()
-    else:
-        rows = conn.execute(
-            "SELECT * FROM flows WHERE (create_us, flow_id) > (?, ?) ORDER BY create_us, flow_id LIMIT ?",
-            [after[0], after[1], limit],
-        ).fetchall()
-    return [codec.flow_from_row(r, _publications(conn, r["flow_id"])) for r in rows]
+    with _snapshot(conn):
+        if after is None:
+            rows = conn.execute("SELECT * FROM flows ORDER BY create_us, flow_id LIMIT ?", [limit]).fetchall()
+        else:
+            rows = conn.execute(
+                "SELECT * FROM flows WHERE (create_us, flow_id) > (?, ?) ORDER BY create_us, flow_id LIMIT ?",
+                [after[0], after[1], limit],
+            ).fetchall()
+        return [codec.flow_from_row(r, _publications(conn, r["flow_id"])) for r in rows]
 
 
 def get_flow_version(conn: sqlite3.Connection, flow_id: str, version: int) -> FlowVersion | None:
-    row = conn.execute("SELECT * FROM flow_versions WHERE flow_id = ? AND version = ?", [flow_id, version]).fetchone()
-    if row is None:
-        return None
-    return codec.flow_version_from_row(row, _environments_of(conn, flow_id, version))
+    with _snapshot(conn):
+        row = conn.execute("SELECT * FROM flow_versions WHERE flow_id = ? AND version = ?", [flow_id, version]).fetchone()
+        if row is None:
+            return None
+        return codec.flow_version_from_row(row, _environments_of(conn, flow_id, version))
 
 
 def _environments_of(conn: sqlite3.Connection, flow_id: str, version: int) -> tuple[str, ...]:
@@ -58,11 +79,12 @@ def _environments_of(conn: sqlite3.Connection, flow_id: str, version: int) -> tu
 
 
 def list_flow_versions(conn: sqlite3.Connection, flow_id: str, after_version: int, limit: int) -> list[FlowVersion]:
-    rows = conn.execute(
-        "SELECT * FROM flow_versions WHERE flow_id = ? AND version > ? ORDER BY version LIMIT ?",
-        [flow_id, after_version, limit],
-    ).fetchall()
-    return [codec.flow_version_from_row(r, _environments_of(conn, flow_id, r["version"])) for r in rows]
+    with _snapshot(conn):
+        rows = conn.execute(
+            "SELECT * FROM flow_versions WHERE flow_id = ? AND version > ? ORDER BY version LIMIT ?",
+            [flow_id, after_version, limit],
+        ).fetchall()
+        return [codec.flow_version_from_row(r, _environments_of(conn, flow_id, r["version"])) for r in rows]
 
 
 def get_session(conn: sqlite3.Connection, session_id: str) -> Session | None:
