@@ -11,6 +11,9 @@ from flowsession.v1 import flow_service_pb2 as fpb
 from flowsession.v1 import session_service_pb2 as spb
 from google.protobuf import struct_pb2
 
+from flowsession_server.domain import paging
+from flowsession_server.store import reads
+
 from ..support import ACCEPTED, TIMEOUT, end, expect_error, new_session, published_flow, report, step
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
@@ -181,6 +184,38 @@ def test_a_page_of_sessions_with_inputs_at_the_limit_stays_readable(client):
     listed = [s.session_id for page in pages for s in page]
     assert listed == created[::-1]
     assert all(s.input == big for page in pages for s in page)
+
+
+def test_a_page_of_big_sessions_reads_about_what_it_holds(client, monkeypatch):
+    # Every page read page_size + 1 sessions and decoded them all, though about 12 of 250 KiB fill one:
+    # with page_size 1,000, each page of a walk read up to 1,001 inputs (256 MB) to answer 12. (A first
+    # read of 4, not the default page's 51, lets 40 sessions show it.)
+    monkeypatch.setattr(paging, "FIRST_READ", 4)
+    flow_id = published_flow(client)
+    big = struct_pb2.Struct()
+    big.update({"k": "a" * (250 * 1024)})
+    created = [new_session(client, flow_id, input=big).session.session_id for _ in range(40)]
+    read: list[int] = []
+    list_sessions = reads.list_sessions
+
+    def counted(*args):
+        found = list_sessions(*args)
+        read.append(len(found))
+        return found
+
+    monkeypatch.setattr(reads, "list_sessions", counted)
+    request = spb.ListSessionsRequest(environment="live", page_size=1000)
+    listed = []
+    while True:
+        read.clear()
+        page = client.sessions.ListSessions(request, timeout=TIMEOUT)
+        assert 0 < len(page.sessions) < 20
+        assert sum(read) <= len(page.sessions) + paging.FIRST_READ, read
+        listed += [s.session_id for s in page.sessions]
+        if not page.next_page_token:
+            break
+        request.page_token = page.next_page_token
+    assert listed == created[::-1]
 
 
 def test_a_page_of_wide_flow_versions_stays_readable(client):

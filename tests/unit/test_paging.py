@@ -1,10 +1,12 @@
 """Page tokens (domain/paging.py): signed, opaque, bound to the query that issued them."""
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
 import json
+import random
 from typing import Any
 
 import pytest
@@ -149,3 +151,44 @@ def test_signed_token_without_list_position_is_refused() -> None:
         body = json.dumps({"q": paging._query_tag(QUERY), "p": position}, separators=(",", ":")).encode()
         mac = hmac.new(KEY, body, hashlib.sha256).digest()[:16]
         assert_refused(_token(body + mac))
+
+
+def _one_read_page(items: list[tuple[int, int]], size: int, max_bytes: int) -> tuple[list[tuple[int, int]], int | None]:
+    """The page as one read of size + 1 items made it: at most size, ending before the item that would
+    pass max_bytes (one always), and the position to go on from (None: the last page)."""
+    answers: list[tuple[int, int]] = []
+    total = 0
+    for item in items[:size]:
+        total += item[1] + 8
+        if total > max_bytes and answers:
+            break
+        answers.append(item)
+    return answers, (None if len(answers) == len(items) else answers[-1][0])
+
+
+@pytest.mark.parametrize("first_read", [4, paging.FIRST_READ])
+def test_a_page_read_in_parts_is_the_page_one_read_gave_and_reads_about_what_it_holds(monkeypatch, first_read):
+    monkeypatch.setattr(paging, "FIRST_READ", first_read)
+    rng = random.Random(7)
+
+    async def check() -> None:
+        for _ in range(3000):
+            listing = [(i, rng.choice([0, 1, 5, 30, 120, 400])) for i in range(rng.randrange(0, 120))]
+            size, max_bytes = rng.randrange(1, 80), rng.choice([50, 200, 1000, 10**9])
+            start = rng.randrange(0, len(listing) + 1)
+            reads: list[int] = []
+
+            async def fetch(after: list[Any] | None, limit: int) -> list[tuple[int, int]]:
+                lo = start if after is None else after[0] + 1
+                reads.append(len(listing[lo : lo + limit]))
+                return listing[lo : lo + limit]
+
+            answers, token = await paging.read_page(
+                KEY, QUERY, fetch, None, size, lambda it: [it[0]], lambda it: it, lambda it: it[1], max_bytes
+            )
+            want, go_on = _one_read_page(listing[start : start + size + 1], size, max_bytes)
+            assert answers == want
+            assert (paging.decode(KEY, QUERY, token)[0] if token else None) == go_on
+            assert sum(reads) <= 2 * len(answers) + paging.FIRST_READ + 1, (reads, len(answers))
+
+    asyncio.run(check())

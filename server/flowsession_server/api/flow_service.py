@@ -67,10 +67,11 @@ class FlowService(flow_service_pb2_grpc.FlowServiceServicer):
         v.raise_if_any()
         key = self._store.keys.page_key
         after = paging.decode(key, ["flows"], request.page_token)
-        flows, token = paging.cut(
+        flows, token = await paging.read_page(
             key,
             ["flows"],
-            await self._store.list_flows(after, size + 1),
+            self._store.list_flows,
+            after,
             size,
             self._store.flow_position,
             convert.flow_pb,
@@ -133,10 +134,11 @@ class FlowService(flow_service_pb2_grpc.FlowServiceServicer):
         key = self._store.keys.page_key
         query = ["flow_versions", request.flow_id]
         after = paging.decode(key, query, request.page_token)
-        versions, token = paging.cut(
+        versions, token = await paging.read_page(
             key,
             query,
-            await self._store.list_flow_versions(request.flow_id, after[0] if after else 0, size + 1),
+            lambda at, limit: self._store.list_flow_versions(request.flow_id, at[0] if at else 0, limit),
+            after,
             size,
             lambda fv: [fv.version],
             convert.flow_version_pb,

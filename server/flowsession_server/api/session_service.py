@@ -119,10 +119,11 @@ class SessionService(session_service_pb2_grpc.SessionServiceServicer):
         key = self._store.keys.page_key
         query = ["sessions", request.environment, request.flow_id, sorted(s.value for s in statuses)]
         after = paging.decode(key, query, request.page_token)
-        sessions, token = paging.cut(
+        sessions, token = await paging.read_page(
             key,
             query,
-            await self._store.list_sessions(request.environment, request.flow_id, statuses, after, size + 1),
+            lambda at, limit: self._store.list_sessions(request.environment, request.flow_id, statuses, at, limit),
+            after,
             size,
             self._store.session_position,
             convert.session_pb,
