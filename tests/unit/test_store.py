@@ -1364,9 +1364,10 @@ def test_a_commit_that_writes_nothing_does_not_show_a_full_disk_writable_again(t
     run(tmp_path, body)
 
 
-def test_health_comes_back_by_itself_once_a_failed_commit_is_over(tmp_path: Path) -> None:
+def test_health_comes_back_by_itself_once_a_failed_commit_is_over(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """After a failed commit, health stayed NOT_SERVING until some call wrote: with clients and load
-    balancers that follow health sending none, for good. The writer writes by itself meanwhile."""
+    balancers that follow health sending none, for good. The writer writes by itself meanwhile (and
+    its failing re-checks do not log a traceback each)."""
 
     async def body(store: Store, rec: Recorder) -> None:
         w = store._writer
@@ -1388,6 +1389,7 @@ def test_health_comes_back_by_itself_once_a_failed_commit_is_over(tmp_path: Path
         assert rec.health[-1] is False
         await until(lambda: store.writable)  # no call in between
         assert rec.health == [False, True] and failures["left"] == 0
+        assert len([r for r in caplog.records if r.exc_info]) == 1  # the call's failure, not the re-checks'
 
     run(tmp_path, body)
 

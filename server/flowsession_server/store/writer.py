@@ -290,7 +290,10 @@ class Writer:
             return
         except (sqlite3.Error, OSError) as exc:  # OSError: the file at the path could not be checked
             self.publishing = None  # rolled back: nothing of it will be published
-            log.exception("commit failed; %d commands are refused", len(batch))
+            if all(job.command is _touch for job in batch):  # the re-check, once a second: the fault goes on
+                log.debug("the store is still not writable: %s", exc)
+            else:
+                log.exception("commit failed; %d commands are refused", len(batch))
             await self._rollback()
             self._set_health(False)
             self._refuse(batch, f"the store could not commit: {exc}")
