@@ -197,6 +197,36 @@ class _Link:
             writer.transport.abort()
 
 
+class Gate:
+    """Holds one store read on the server's loop until the test opens it: what commits meanwhile is
+    published to watchers that are still catching up. The first ``passing`` calls go through unheld."""
+
+    def __init__(self, server: ServerThread, method: str, *, passing: int = 0):
+        self.entered = threading.Event()
+        self._open = server.call(new_event())
+        self._server = server
+        store = server.server.store
+        original = getattr(store, method)
+
+        async def held(*args, **kwargs):
+            nonlocal passing
+            if passing:
+                passing -= 1
+                return await original(*args, **kwargs)
+            self.entered.set()
+            await self._open.wait()
+            return await original(*args, **kwargs)
+
+        setattr(store, method, held)
+
+    def open(self) -> None:
+        self._server.loop.call_soon_threadsafe(self._open.set)
+
+
+async def new_event() -> asyncio.Event:
+    return asyncio.Event()
+
+
 def settings_for(tmp_path: Path, **changes: Any) -> Settings:
     # A short shutdown drain: hundreds of servers stop in the suite, mostly idle ones.
     return replace(Settings(db_path=str(tmp_path / "flowsession.db"), shutdown_drain=0.02), **changes)

@@ -18,6 +18,7 @@ from flowsession_server.clock import FakeClock, SystemClock
 from ..support import (
     TIMEOUT,
     Blackhole,
+    Gate,
     ServerThread,
     expect_error,
     new_session,
@@ -256,8 +257,6 @@ def test_watch_from_zero_starts_at_the_retained_state_when_retention_prunes_the_
     # work: it starts from the oldest retained event, the current state.
     from concurrent.futures import ThreadPoolExecutor
 
-    from .test_watch_sessions import Gate
-
     clock = FakeClock(SystemClock().now())
     server = ServerThread(settings_for(tmp_path, event_retention=timedelta(days=7)), clock=clock)
     try:
@@ -276,5 +275,76 @@ def test_watch_from_zero_starts_at_the_retained_state_when_retention_prunes_the_
             gate.open()
             events = watched.result(TIMEOUT)
             assert [(e.version, e.type) for e in events] == [(2, EV.SESSION_EVENT_TYPE_ABORTED)]
+    finally:
+        server.stop()
+
+
+def test_a_watch_ended_while_it_reads_its_backlog_ends_before_sending_more(tmp_path):
+    # The hub ends every watcher at shutdown (and a too-slow one) at once; a stream blocked in a send is
+    # interrupted, one reading the log is not, so it must notice before its next send. Otherwise it
+    # replays its whole backlog first, and to a client that stopped reading it blocks in a send nothing
+    # interrupts any more: no SHUTTING_DOWN, the watcher slot held, the stop's grace run out.
+    server = ServerThread(settings_for(tmp_path))
+    try:
+        with connect(server.address) as client:
+            flow_id = published_flow(client)
+            payload = struct_pb2.Struct()
+            payload.update({"blob": "x" * 200_000})  # every event carries it: more than the transport buffers
+            sid = new_session(client, flow_id, input=payload).session.session_id
+            report(client, sid, "document", "ok")
+            for _ in range(60):
+                report(client, sid, "liveness", "retry")
+            gate = Gate(server, "events_after")  # the stream's read of its backlog waits
+            stalled = client.sessions.WatchSession(
+                spb.WatchSessionRequest(environment="live", session_id=sid, after_version=1), timeout=TIMEOUT
+            )
+            assert gate.entered.wait(TIMEOUT)
+
+            async def shut() -> None:
+                server.server.hub.close()  # what stop() does once the drain is over
+
+            server.call(shut())
+            gate.open()
+            wait_until(lambda: watcher_count(server) == 0, timeout=3.0)
+            with pytest.raises(grpc.RpcError) as info:
+                for response in stalled:
+                    raise AssertionError(f"sent after the watch was ended: version {response.event.version}")
+            error = FlowsessionError.from_rpc_error(info.value)
+            assert (error.code, error.reason) == (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN")
+            assert error.metadata["last_version"] == "1"
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("end", ["cancel", "deadline"])
+def test_a_client_leaving_while_its_stream_is_blocked_in_a_send_is_no_server_fault(tmp_path, caplog, end):
+    # The server's write to a client that stopped reading waits on flow control; the call ending under
+    # it (cancel, deadline) fails that write. That is the client going away, not an unexpected fault.
+    server = ServerThread(settings_for(tmp_path))
+    try:
+        with connect(server.address) as client:
+            flow_id = published_flow(client)
+            payload = struct_pb2.Struct()
+            payload.update({"blob": "x" * 200_000})
+            sid = new_session(client, flow_id, input=payload).session.session_id
+            report(client, sid, "document", "ok")
+            for _ in range(60):  # 12 MB of events: more than the transport buffers
+                report(client, sid, "liveness", "retry")
+            stalled = client.sessions.WatchSession(
+                spb.WatchSessionRequest(environment="live", session_id=sid, after_version=1),
+                timeout=1.0 if end == "deadline" else TIMEOUT,
+            )
+            assert next(stalled).event.version == 2  # open; now it stops reading
+
+            async def sending() -> bool:
+                (watcher,) = server.server.hub.watchers()
+                return watcher._on_end is not None and watcher._on_end.__self__._sending  # type: ignore[attr-defined]
+
+            seen: list[bool] = []  # blocked: seen sending at three looks in a row, not one write in passing
+            wait_until(lambda: seen.append(server.call(sending())) or seen[-3:] == [True] * 3)
+            if end == "cancel":
+                stalled.cancel()
+            wait_until(lambda: watcher_count(server) == 0)
+            assert "unexpected error" not in caplog.text
     finally:
         server.stop()

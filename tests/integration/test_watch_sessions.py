@@ -1,7 +1,6 @@
 """WatchSessions: every matching event in commit order, resumable by cursor with no gap and no duplicate."""
 from __future__ import annotations
 
-import asyncio
 import queue
 import random
 import sqlite3
@@ -22,6 +21,7 @@ from flowsession_server.clock import FakeClock, SystemClock
 
 from ..support import (
     TIMEOUT,
+    Gate,
     ServerProcess,
     ServerThread,
     current_cursor,
@@ -212,36 +212,6 @@ def test_every_event_arrives_once_per_watcher_under_concurrent_writers_and_rando
         assert keys == log_keys[: len(keys)], "a gap, a duplicate or another order than the log's"
         cursors = [e.cursor for e in seen]
         assert cursors == sorted(cursors), "cursors out of commit order"
-
-
-class Gate:
-    """Holds one store read on the server's loop until the test opens it: what commits meanwhile is
-    published to watchers that are still catching up. The first ``passing`` calls go through unheld."""
-
-    def __init__(self, server: ServerThread, method: str, *, passing: int = 0):
-        self.entered = threading.Event()
-        self._open = server.call(_new_event())
-        self._server = server
-        store = server.server.store
-        original = getattr(store, method)
-
-        async def held(*args, **kwargs):
-            nonlocal passing
-            if passing:
-                passing -= 1
-                return await original(*args, **kwargs)
-            self.entered.set()
-            await self._open.wait()
-            return await original(*args, **kwargs)
-
-        setattr(store, method, held)
-
-    def open(self) -> None:
-        self._server.loop.call_soon_threadsafe(self._open.set)
-
-
-async def _new_event() -> asyncio.Event:
-    return asyncio.Event()
 
 
 @pytest.mark.parametrize("mode", ["include_current", "after_cursor"])

@@ -55,9 +55,18 @@ class _Sender:
             self._task.cancel()
 
     async def send(self, message: Any) -> None:
+        # Ended while not sending (reading the log, say): _interrupt had nothing to cancel, and a send
+        # now could block on a client that stopped reading with nothing left to interrupt it.
+        if self._watcher.ended is not None:
+            raise self._watcher.ended
         self._sending = True
         try:
             await self._context.write(message)
+        except grpc.aio.InternalError:
+            # A write blocked on flow control when the call ends under it (the client cancelled, its
+            # deadline passed, the connection dropped) fails with grpc's ExecuteBatchError instead of
+            # cancelling the task: the client went away, no server fault.
+            raise asyncio.CancelledError from None
         finally:
             self._sending = False
 
