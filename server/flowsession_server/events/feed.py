@@ -3,7 +3,8 @@ whichever process on the database file committed it.
 
 This process's own commits are published at once when they directly follow the last published cursor.
 Otherwise (another process committed in between) and on a short poll of the log's head, the feed reads
-the missing range from the store, so watchers on any process see every change within the poll interval.
+the missing range from the store, so watchers on any process see every change, another process's about
+one poll interval (plus the read) after its commit.
 """
 from __future__ import annotations
 
