@@ -94,8 +94,11 @@ def machine(workdir: Path, nofile: dict[str, int]) -> dict[str, Any]:
 
 
 def code_info() -> dict[str, Any]:
+    from .procs import ignored_server_env
+
     dirty = _git("status", "--porcelain", "--", "server", "clients", "protos")
-    return {"git_commit": _git("rev-parse", "HEAD"), "server_tree_dirty": bool(dirty), "dirty_files": dirty.splitlines()}
+    return {"git_commit": _git("rev-parse", "HEAD"), "server_tree_dirty": bool(dirty), "dirty_files": dirty.splitlines(),
+            "server_env_ignored": ignored_server_env()}  # fmt: skip
 
 
 def snapshot_sources(workdir: Path) -> dict[str, Any]:

@@ -33,11 +33,22 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 REPO = Path(__file__).resolve().parent.parent
 
 
+SERVER_ENV_PREFIX = "FLOWSESSION_"  # `flowsession serve` reads every flag's default from FLOWSESSION_<FLAG>
+
+
 def child_env() -> dict[str, str]:
     """The bench's own environment, plus the repository on the path so ``-m bench.worker`` resolves
-    from any working directory (an existing PYTHONPATH keeps precedence)."""
+    from any working directory (an existing PYTHONPATH keeps precedence). Without the FLOWSESSION_*
+    variables: a FLOWSESSION_SYNCHRONOUS=NORMAL (or _WATCH_HEARTBEAT, _FEED_POLL, ...) in the shell that
+    runs `make bench` would otherwise change the servers measured while the results say default flags."""
     path = os.environ.get("PYTHONPATH", "")
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": f"{path}{os.pathsep}{REPO}" if path else str(REPO)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(SERVER_ENV_PREFIX)}
+    return {**env, "PYTHONUNBUFFERED": "1", "PYTHONPATH": f"{path}{os.pathsep}{REPO}" if path else str(REPO)}
+
+
+def ignored_server_env() -> list[str]:
+    """The FLOWSESSION_* variables set here that child_env() keeps from the servers (for the results)."""
+    return sorted(k for k in os.environ if k.startswith(SERVER_ENV_PREFIX))
 
 
 class Child:
@@ -171,12 +182,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def flowsession_argv(db: Path, gc_path: Path, address: str, *extra: str) -> list[str]:
+    """``flowsession serve`` under the probe; durable throughput is specified at synchronous FULL, so it
+    is passed explicitly rather than left to a default."""
+    serve = ["serve", "--address", address, "--db", str(db), "--synchronous", "FULL", "--log-level", "WARNING"]
+    return [*_probed(gc_path, "flowsession_server"), *serve, *extra]
+
+
 async def start_flowsession(
     procs: Processes, db: Path, *extra: str, address: str = "127.0.0.1:0", gc_path: Path | None = None
 ) -> ServerProc:
     gc_path = gc_path or db.with_suffix(".gc.jsonl")
-    argv = [*_probed(gc_path, "flowsession_server"), "serve", "--address", address, "--db", str(db)]
-    server = await ServerProc.start(procs, "flowsession", [*argv, "--log-level", "WARNING", *extra])
+    server = await ServerProc.start(procs, "flowsession", flowsession_argv(db, gc_path, address, *extra))
     server.gc_path = gc_path
     return server
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 import psutil
+from flowsession_server.config import Settings
 
 from . import gc_probe, profile, report, stats
 from .procs import Processes, ServerProc, WorkerProc, free_port, start_bare, start_flowsession
@@ -32,6 +33,7 @@ DRIVER_CHANNELS = 2
 LONG = 300.0  # upper bound of any single worker command
 LATE_US = 50_000  # an expiry later than the 50 ms target
 STORM_INFLIGHT = 8  # creates in flight while the storm's sessions are made (all drivers together)
+HEARTBEAT_S = Settings.watch_heartbeat  # the servers' default: an idle WatchSession's heartbeat interval
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class Scale:
     large: int  # watchers, "10,000"
     change_rate: float  # status changes/s during the latency runs
     latency_window: float  # seconds of paced changes per latency run
-    idle_window: float  # seconds 10,000 streams sit idle
+    idle_window: float  # seconds 10,000 streams sit idle; >= HEARTBEAT_S so every stream's heartbeat falls in it
     throughput_window: float  # seconds per throughput run
     inflight: int  # calls in flight in the throughput runs
     storm: int  # sessions sharing one expire_time
@@ -62,7 +64,7 @@ class Scale:
     @classmethod
     def full(cls) -> Scale:
         return cls(
-            quick=False, small=1000, large=10_000, change_rate=1000.0, latency_window=10.0, idle_window=10.0,
+            quick=False, small=1000, large=10_000, change_rate=1000.0, latency_window=10.0, idle_window=HEARTBEAT_S,
             throughput_window=10.0, inflight=64, storm=10_000, lag_sessions=1000, lag_spread=10.0, lag_timeout=2.0,
             pollers=1000, poll_interval=1.0, poll_window=30.0, change_every=30.0, profile_seconds=5.0, warmup=2.0, bare_payload=400,
         )  # fmt: skip
@@ -162,6 +164,12 @@ def _sum_counts(counts: Any) -> dict[str, int]:
 
 def _fmt_s(v: float | None) -> str:
     return "—" if v is None else f"{v:.2f}"
+
+
+def covers_heartbeat(window_s: float, open_seconds: float, heartbeat_s: float) -> bool:
+    """Whether an idle window started as the last stream opened holds every stream's first heartbeat
+    (each due ``heartbeat_s`` after that stream's own open)."""
+    return window_s >= heartbeat_s and open_seconds <= heartbeat_s
 
 
 def split(items: list[Any], parts: int) -> list[list[Any]]:
@@ -311,10 +319,18 @@ class Bench:
             )  # fmt: skip
         return out
 
-    async def idle(self, pid: int) -> dict[str, Any]:
+    async def idle(self, pid: int, opened: dict[str, Any], heartbeat_s: float | None = None) -> dict[str, Any]:
+        """Server CPU while the streams sit idle, from the moment the last one opened. An idle WatchSession
+        gets a heartbeat ``heartbeat_s`` after its last message, so a window that short of it right after
+        the opens holds none of them: it holds one heartbeat of every stream only when it lasts at least
+        ``heartbeat_s`` and the opens took no longer than that."""
         win = Window(pid).start()
         await asyncio.sleep(self.scale.idle_window)  # the measurement itself: streams sitting idle
-        return win.stop()
+        out = win.stop()
+        if heartbeat_s is not None:
+            out["heartbeat_s"] = heartbeat_s
+            out["covers_heartbeat"] = covers_heartbeat(self.scale.idle_window, opened["open_seconds"], heartbeat_s)
+        return out
 
     async def closed(self, cmd: str, **args: Any) -> dict[str, Any]:
         """Both drivers at inflight/2 each; the combined rate over the longest driver's elapsed time."""
@@ -409,7 +425,7 @@ class Bench:
             opened, parts = await self.open_streams("bare_watch_open", keys)
             rss1 = rss_bytes(server.pid)
             out["memory"] = {**opened, "rss_before": rss0, "rss_after": rss1, "per_stream_bytes": (rss1 - rss0) / s.large}
-            out["idle"] = await self.idle(server.pid)
+            out["idle"] = await self.idle(server.pid, opened)  # the bare streams send no heartbeats
             out["latency_large"] = await self.latency_run(server.pid, parts, "bare", s.change_rate, s.latency_window)
             out["storm"] = await self.bare_storm(server.pid, parts)
             self.log(f"  bare storm: {s.large:,} messages delivered in {_fmt_s(out['storm']['delivered_s'])} s")
@@ -516,7 +532,7 @@ class Bench:
             opened, parts = await self.open_streams("watch_open", ids)
             rss1 = rss_bytes(pid)
             out["memory"] = {**opened, "rss_before": rss0, "rss_after": rss1, "per_stream_bytes": (rss1 - rss0) / s.large}
-            out["idle"] = await self.idle(pid)
+            out["idle"] = await self.idle(pid, opened, HEARTBEAT_S)
             self.log(f"  {(rss1 - rss0) / s.large / 1024:.1f} KB per idle stream; idle CPU {out['idle']['server_cpu_s']:.2f} s")
             # 1. delivery latency, 10,000 streams then 1,000
             out.update(await self.latency_runs(pid, parts, "latency_large", p99_target_ms=10.0))
