@@ -68,15 +68,15 @@ def test_a_head_read_between_commit_and_publication_does_not_read_the_log(tmp_pa
         store, feed, reads = await _open_with_feed(db(tmp_path), published)
         try:
             flow = await published_flow(store)
-            landed = False
-            heads_after_landing: list[int] = []
+            # (batch's cursor range, head read) for each head read that saw a commit not yet published.
+            heads_seen: list[tuple[tuple[int, int], int]] = []
             read_head = store.max_cursor
 
             async def head() -> int:
-                after = landed
                 cursor = await read_head()
-                if after:
-                    heads_after_landing.append(cursor)
+                publishing = store.publishing  # set before the COMMIT, cleared once handed over
+                if publishing is not None and cursor >= publishing[1]:
+                    heads_seen.append((publishing, cursor))
                 return cursor
 
             store.max_cursor = head  # type: ignore[method-assign]
@@ -86,14 +86,12 @@ def test_a_head_read_between_commit_and_publication_does_not_read_the_log(tmp_pa
             on_disk = writer._on_disk
 
             async def commit_then_hold(fn: Any, *args: Any) -> Any:
-                # Holds the writer after COMMIT until the feed has read the new head.
-                nonlocal landed
+                # Holds the writer after COMMIT until the feed has read the new head. (Flagging "landed"
+                # on the loop after the disk thread returned missed the feed's read when it came first.)
                 result = await on_disk(fn, *args)
                 if fn == writer._timed_commit:
-                    landed = True
-                    await _until(lambda: heads_after_landing)
-                    landed = False
-                    heads_after_landing.clear()
+                    batch = store.publishing
+                    await _until(lambda: any(seen == batch for seen, _ in heads_seen))
                 return result
 
             writer._on_disk = commit_then_hold  # type: ignore[method-assign]
