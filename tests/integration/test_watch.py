@@ -187,17 +187,24 @@ def test_the_server_frees_the_watcher_slot_of_a_client_gone_silent(tmp_path, mon
         server.stop()
 
 
+def session_with_big_events(client, retries: int = 0) -> str:
+    """A session at version 2 + ``retries`` whose every event carries a 200 KB input: a few events fill
+    the transport's buffers, so a client that stops reading soon holds the server's sends."""
+    flow_id = published_flow(client)
+    payload = struct_pb2.Struct()
+    payload.update({"blob": "x" * 200_000})
+    sid = new_session(client, flow_id, input=payload).session.session_id
+    report(client, sid, "document", "ok")
+    for _ in range(retries):
+        report(client, sid, "liveness", "retry")
+    return sid
+
+
 def test_a_watch_that_stops_reading_is_cut_off_with_the_last_version_it_was_sent(tmp_path):
     server = ServerThread(settings_for(tmp_path, watch_queue=2))
     try:
         with connect(server.address) as client:
-            flow_id = published_flow(client)
-            # Every event carries the session with its input: large events fill the transport's buffers
-            # quickly, so the server-side queue overflows.
-            payload = struct_pb2.Struct()
-            payload.update({"blob": "x" * 200_000})
-            sid = new_session(client, flow_id, input=payload).session.session_id
-            report(client, sid, "document", "ok")
+            sid = session_with_big_events(client)  # the server-side queue overflows soon
             stalled = client.sessions.WatchSession(
                 spb.WatchSessionRequest(environment="live", session_id=sid), timeout=TIMEOUT
             )
@@ -287,13 +294,7 @@ def test_a_watch_ended_while_it_reads_its_backlog_ends_before_sending_more(tmp_p
     server = ServerThread(settings_for(tmp_path))
     try:
         with connect(server.address) as client:
-            flow_id = published_flow(client)
-            payload = struct_pb2.Struct()
-            payload.update({"blob": "x" * 200_000})  # every event carries it: more than the transport buffers
-            sid = new_session(client, flow_id, input=payload).session.session_id
-            report(client, sid, "document", "ok")
-            for _ in range(60):
-                report(client, sid, "liveness", "retry")
+            sid = session_with_big_events(client, retries=60)
             gate = Gate(server, "events_after")  # the stream's read of its backlog waits
             stalled = client.sessions.WatchSession(
                 spb.WatchSessionRequest(environment="live", session_id=sid, after_version=1), timeout=TIMEOUT
@@ -323,13 +324,7 @@ def test_a_client_leaving_while_its_stream_is_blocked_in_a_send_is_no_server_fau
     server = ServerThread(settings_for(tmp_path))
     try:
         with connect(server.address) as client:
-            flow_id = published_flow(client)
-            payload = struct_pb2.Struct()
-            payload.update({"blob": "x" * 200_000})
-            sid = new_session(client, flow_id, input=payload).session.session_id
-            report(client, sid, "document", "ok")
-            for _ in range(60):  # 12 MB of events: more than the transport buffers
-                report(client, sid, "liveness", "retry")
+            sid = session_with_big_events(client, retries=60)  # 12 MB of events
             stalled = client.sessions.WatchSession(
                 spb.WatchSessionRequest(environment="live", session_id=sid, after_version=1),
                 timeout=1.0 if end == "deadline" else TIMEOUT,
