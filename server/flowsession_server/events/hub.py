@@ -98,15 +98,6 @@ class Watcher:
             self._ready.clear()
             await self._ready.wait()
 
-    async def next(self) -> SessionEvent:
-        while True:
-            if self._ended is not None:
-                raise self._ended
-            if self._buffer:
-                return self._buffer.popleft()
-            self._ready.clear()
-            await self._ready.wait()
-
     async def next_within(self, idle: float) -> SessionEvent | None:
         """The next event, or None after ``idle`` seconds of waiting for one (a heartbeat is due).
 
