@@ -35,7 +35,8 @@ NUMERIC_FLAGS: tuple[tuple[str, type, float, float, float, str], ...] = (
     ("--shutdown-drain", float, Settings.shutdown_drain, 0, 60,
      "seconds without a new call (each answered SHUTTING_DOWN) before a stopping server lets gRPC stop; at most 2 s and half the grace"),
 )  # fmt: skip
-LOG_LEVELS = tuple(logging.getLevelNamesMapping())  # DEBUG, INFO, WARNING/WARN, ERROR, CRITICAL/FATAL, NOTSET
+LOG_LEVELS = tuple(logging.getLevelNamesMapping())
+DEFAULT_LOG_LEVEL = "INFO"  # DEBUG, INFO, WARNING/WARN, ERROR, CRITICAL/FATAL, NOTSET
 
 
 def _dest(flag: str) -> str:
@@ -68,32 +69,46 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve the gRPC API")
     serve.add_argument("--address", default=env("FLOWSESSION_ADDRESS", DEFAULT_ADDRESS), help="HOST:PORT; port 0 picks a free one")
     serve.add_argument("--db", default=env("FLOWSESSION_DB", Settings.db_path), help="SQLite database file")
+    # No argparse defaults for the checked text flags: settings_from reads the variable of one not given,
+    # so that its message can name the variable.
+    serve.add_argument("--environments", help=f"comma-separated environment names (default {','.join(DEFAULT_ENVIRONMENTS)})")
     serve.add_argument(
-        "--environments",
-        default=env("FLOWSESSION_ENVIRONMENTS", ",".join(DEFAULT_ENVIRONMENTS)),
-        help="comma-separated environment names",
-    )
-    serve.add_argument(
-        "--synchronous",
-        choices=("FULL", "NORMAL"),
-        default=env("FLOWSESSION_SYNCHRONOUS", Settings.synchronous),
-        help="SQLite synchronous mode; FULL survives a power cut",
+        "--synchronous", choices=("FULL", "NORMAL"), help=f"SQLite synchronous mode; FULL survives a power cut (default {Settings.synchronous})"
     )
     for flag, kind, default, minimum, maximum, text in NUMERIC_FLAGS:
         serve.add_argument(flag, type=kind, help=f"{text} ({minimum} to {maximum:,}; default {default:g}, or {_variable(flag)})")
-    serve.add_argument("--log-level", default=env("FLOWSESSION_LOG_LEVEL", "INFO"), help=", ".join(LOG_LEVELS))
+    serve.add_argument("--log-level", help=f"{', '.join(LOG_LEVELS)} (default {DEFAULT_LOG_LEVEL})")
     return parser
+
+
+def _text_flag(args: argparse.Namespace, flag: str, default: str) -> tuple[str, str]:
+    """A text flag's value and how a message names it: the flag, else its variable, else the default."""
+    value = getattr(args, _dest(flag))
+    if value is not None:
+        return value, flag
+    variable = _variable(flag)
+    if variable in os.environ:
+        return os.environ[variable], f"{flag} (from {variable})"
+    return default, flag
+
+
+def log_level(args: argparse.Namespace) -> str:
+    level, source = _text_flag(args, "--log-level", DEFAULT_LOG_LEVEL)
+    if level.upper() not in LOG_LEVELS:
+        raise SystemExit(f"{source} must be one of {', '.join(LOG_LEVELS)}, not {level!r}")
+    return level.upper()
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
     """The checked settings; a bad value stops the start with a message naming the flag."""
-    environments = frozenset(e.strip() for e in args.environments.split(",") if e.strip())
+    listed, source = _text_flag(args, "--environments", ",".join(DEFAULT_ENVIRONMENTS))
+    environments = frozenset(e.strip() for e in listed.split(",") if e.strip())
     if not environments:
-        raise SystemExit("--environments needs at least one name")
-    if args.synchronous not in ("FULL", "NORMAL"):  # argparse does not check env-var defaults
-        raise SystemExit(f"--synchronous must be FULL or NORMAL, not {args.synchronous!r}")
-    if args.log_level.upper() not in LOG_LEVELS:
-        raise SystemExit(f"--log-level must be one of {', '.join(LOG_LEVELS)}, not {args.log_level!r}")
+        raise SystemExit(f"{source} needs at least one name")
+    synchronous, source = _text_flag(args, "--synchronous", Settings.synchronous)
+    if synchronous not in ("FULL", "NORMAL"):  # argparse checks the flag, not the variable
+        raise SystemExit(f"{source} must be FULL or NORMAL, not {synchronous!r}")
+    log_level(args)
     numbers: dict[str, float] = {}  # Settings fields are named as the flags' attributes
     for flag, kind, default, minimum, maximum, _text in NUMERIC_FLAGS:  # argparse does not check ranges
         value = getattr(args, _dest(flag))
@@ -109,7 +124,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         Settings(),
         db_path=args.db,
         environments=environments,
-        synchronous=args.synchronous,
+        synchronous=synchronous,
         **{**numbers, "event_retention": timedelta(seconds=numbers["event_retention"])},
     )
 
@@ -165,7 +180,7 @@ async def serve(settings: Settings, address: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     settings = settings_from(args)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=log_level(args), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(serve(settings, args.address))
     except CannotStart as exc:

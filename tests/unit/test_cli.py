@@ -41,6 +41,20 @@ def test_environment_variables_are_the_defaults_and_flags_win(monkeypatch):
     assert (s.db_path, s.max_watchers) == ("env.db", 9)
 
 
+@pytest.mark.parametrize(
+    "variable, value, message",
+    [
+        ("FLOWSESSION_LOG_LEVEL", "bogus", r"--log-level \(from FLOWSESSION_LOG_LEVEL\) must be one of .*, not 'bogus'"),
+        ("FLOWSESSION_SYNCHRONOUS", "OFF", r"--synchronous \(from FLOWSESSION_SYNCHRONOUS\) must be FULL or NORMAL, not 'OFF'"),
+        ("FLOWSESSION_ENVIRONMENTS", ",", r"--environments \(from FLOWSESSION_ENVIRONMENTS\) needs at least one name"),
+    ],
+)
+def test_a_bad_text_variable_is_named_in_the_message(monkeypatch, variable, value, message):
+    """Only the numeric flags named the variable: one who never passed the flag was pointed at it."""
+    with pytest.raises(SystemExit, match=message):
+        parse(monkeypatch, [], **{variable: value})
+
+
 def test_a_flag_overrides_a_bad_variable(monkeypatch):
     assert parse(monkeypatch, ["--watch-queue", "5"], FLOWSESSION_WATCH_QUEUE="abc").watch_queue == 5
     with pytest.raises(SystemExit, match=r"--watch-queue \(from FLOWSESSION_WATCH_QUEUE\) must be an integer, not 'abc'"):
