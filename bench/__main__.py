@@ -172,6 +172,9 @@ async def _run(args: argparse.Namespace) -> int:
     loop.add_signal_handler(signal.SIGTERM, main_task.cancel)  # type: ignore[union-attr]
     try:
         raw = await asyncio.wait_for(bench.run(), args.max_seconds)
+    except BaseException:
+        log(f"the run did not finish; its work dir {workdir} is kept (server logs, databases)")
+        raise
     finally:
         log("stopping every process started")
         await bench.close()
@@ -214,6 +217,9 @@ def main() -> int:
     except (KeyboardInterrupt, asyncio.CancelledError):
         print("bench: interrupted; every process it started was stopped", file=sys.stderr)
         return 130
+    except TimeoutError:
+        print(f"bench: stopped after --max-seconds {args.max_seconds:g}; every process it started was stopped", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

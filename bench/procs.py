@@ -23,7 +23,7 @@ READY_TIMEOUT = 30.0
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def die_with_parent() -> None:  # runs in the child between fork and exec
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except OSError:
@@ -98,7 +98,7 @@ class Processes:
                 *argv,
                 stderr=log,
                 env=child_env(),
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
                 limit=256 * 1024 * 1024,
                 **kwargs,
             )

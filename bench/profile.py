@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
+from . import procs
+
 # Frames every stack passes through (the event loop, thread bootstrap, runpy): not informative inclusively.
 _GENERIC = (
     "asyncio/", "threading.py", "runpy", "<module>", "selectors.py", "concurrent/futures", "cli.py", "__main__.py",
@@ -102,7 +104,11 @@ async def record_during(
         exe, "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))), "--rate", str(rate),
         "--format", "raw", "--output", str(out), "--native", "--gil", "--threads",
     ]  # fmt: skip
-    proc = await asyncio.create_subprocess_exec(*argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    # Dies with the bench, as its servers and workers do: a bench killed with SIGKILL would leave it
+    # sampling for the rest of its --duration.
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, preexec_fn=procs.die_with_parent
+    )
     work = asyncio.ensure_future(workload())
     try:
         _, err = await asyncio.wait_for(proc.communicate(), seconds + 30)
