@@ -24,6 +24,8 @@ NUMERIC_FLAGS: tuple[tuple[str, type, float, float, float, str], ...] = (
     ("--watch-queue", int, Settings.watch_queue, 1, 1_000_000,
      "events buffered per watch stream before a slow client is cut off with WATCHER_TOO_SLOW"),
     ("--watch-heartbeat", float, Settings.watch_heartbeat, 0.01, 86_400, "seconds of idleness after which a watch stream gets a heartbeat"),
+    ("--watch-write-timeout", float, Settings.watch_write_timeout, 0.1, 3600,
+     "seconds a write to a watch stream may stay blocked by a client not reading before it is cut with WATCHER_TOO_SLOW"),
     ("--max-watchers", int, Settings.max_watchers, 1, 1_000_000, "open watch streams per process; more get RESOURCE_EXHAUSTED (TOO_MANY_WATCHERS)"),
     ("--max-opening-watchers", int, Settings.max_opening_watchers, 1, 1_000_000,
      "watch streams replaying their backlog at once; more opens get UNAVAILABLE (SERVER_BUSY) with RetryInfo"),

@@ -15,6 +15,9 @@ class Settings:
     synchronous: str = "FULL"
     watch_queue: int = 1000
     watch_heartbeat: float = 30.0
+    # Seconds one write to a watch stream may stay blocked (its client not reading) before the stream is
+    # cut with WATCHER_TOO_SLOW: each such stream holds the event it is sending, serialized.
+    watch_write_timeout: float = 10.0
     max_watchers: int = 20_000
     # Streams replaying their backlog at once; beyond it opens are shed with UNAVAILABLE + RetryInfo.
     max_opening_watchers: int = 256

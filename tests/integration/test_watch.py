@@ -343,3 +343,27 @@ def test_a_client_leaving_while_its_stream_is_blocked_in_a_send_is_no_server_fau
             assert "unexpected error" not in caplog.text
     finally:
         server.stop()
+
+
+def test_a_stream_whose_client_reads_nothing_is_cut_after_the_write_timeout(tmp_path):
+    """The queue counts events, but each stream blocked in a write holds that message serialized, in
+    Python and in gRPC core: a thousand clients that read a few 200 KB events and stopped pinned 470 MB,
+    for as long as they stayed connected, with far fewer than the queue's events sent."""
+    server = ServerThread(settings_for(tmp_path, watch_write_timeout=0.3))
+    try:
+        with connect(server.address) as client:
+            sid = session_with_big_events(client, retries=60)  # 12 MB of events
+            stalled = client.sessions.WatchSession(
+                spb.WatchSessionRequest(environment="live", session_id=sid, after_version=1), timeout=TIMEOUT
+            )
+            assert next(stalled).event.version == 2  # open; now it stops reading
+            wait_until(lambda: watcher_count(server) == 0, timeout=5.0)  # cut within about 0.4 s
+            received = [2]
+            with pytest.raises(grpc.RpcError) as info:
+                for response in stalled:
+                    received.append(response.event.version)
+            error = FlowsessionError.from_rpc_error(info.value)
+            assert (error.code, error.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "WATCHER_TOO_SLOW")
+            assert int(error.metadata["last_version"]) <= received[-1] < 62  # cut long before the end
+    finally:
+        server.stop()

@@ -80,6 +80,7 @@ class FlowsessionServer:
         self.feed = Feed(self.store, [self.hub.publish, self.expiry.observe], poll_interval=settings.feed_poll)
         self.retention = Retention(self.store, settings.event_retention)
         self.health = Health()
+        self._stall_sweeper: asyncio.Task[None] | None = None
         self.admission = errors.Admission()
         self.reflection = Reflection((*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME))
         self.server = grpc.aio.server(options=SERVER_OPTIONS)
@@ -107,6 +108,7 @@ class FlowsessionServer:
         self.hub.high_water = self.feed.head_at_start
         self.expiry.start().add_done_callback(self._expiry_ended)
         self.retention.start()
+        self._stall_sweeper = asyncio.create_task(self._cut_stalled_watchers(), name="flowsession-stalled-watchers")
         streams = Streams(
             self.store,
             self.hub,
@@ -130,6 +132,15 @@ class FlowsessionServer:
         await self.server.start()
         await self._publish_health()
         return self.port
+
+    async def _cut_stalled_watchers(self) -> None:
+        limit = self.settings.watch_write_timeout
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(limit / 4)  # a period: a stalled stream is cut within 1.25 x the limit
+            cut = self.hub.cut_stalled(loop.time(), limit)
+            if cut:
+                log.info("cut %d watch streams whose clients read nothing for %g s", cut, limit)
 
     def _expiry_ended(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:
@@ -158,6 +169,9 @@ class FlowsessionServer:
         # time left to send that answer; else gRPC would cancel the call and the write land later.
         self.store.stop_waiting_by(time.monotonic() + remaining - min(0.5, remaining / 4))
         await self.server.stop(remaining)
+        if self._stall_sweeper is not None:
+            self._stall_sweeper.cancel()
+            await asyncio.gather(self._stall_sweeper, return_exceptions=True)
         await self.retention.stop()
         await self.expiry.stop()
         await self.feed.stop()

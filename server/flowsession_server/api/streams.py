@@ -45,6 +45,7 @@ class _Sender:
         self._context = context
         self._watcher = watcher
         self._task = asyncio.current_task()
+        self._loop = asyncio.get_running_loop()
         self._sending = False
         self.interrupted = False
         watcher.on_end(self._interrupt)
@@ -60,6 +61,7 @@ class _Sender:
         if self._watcher.ended is not None:
             raise self._watcher.ended
         self._sending = True
+        self._watcher.sending_since = self._loop.time()
         try:
             await self._context.write(message)
         except grpc.aio.InternalError:
@@ -69,6 +71,7 @@ class _Sender:
             raise asyncio.CancelledError from None
         finally:
             self._sending = False
+            self._watcher.sending_since = None
 
 
 class _Responses:

@@ -41,6 +41,8 @@ class Watcher:
         # While catching up from the log, an overflow only means "read more from the log".
         self.catching_up = catching_up
         self.overflowed = False
+        # Loop time at which the stream's write in progress started, if one is: see Hub.cut_stalled.
+        self.sending_since: float | None = None
 
     @property
     def idle(self) -> bool:
@@ -206,6 +208,20 @@ class Hub:
                     watcher.offer(event)
         if events and events[-1].cursor > self.high_water.cursor:  # events come in cursor order
             self.high_water = events[-1].position
+
+    def cut_stalled(self, now: float, limit: float) -> int:
+        """Ends, with WATCHER_TOO_SLOW, every watcher whose write has been blocked for ``limit`` seconds
+        (its client stopped reading): the queue counts events, but each blocked write holds its message
+        serialized, in Python and in gRPC core, for as long as it waits. Returns how many it ended."""
+        stalled = [w for w in self.watchers() if w.sending_since is not None and now - w.sending_since >= limit]
+        for watcher in stalled:
+            watcher.end(
+                ResourceExhausted(
+                    f"the client has read nothing of this stream for {limit:g} s; resume from the last event received",
+                    reason="WATCHER_TOO_SLOW",
+                )
+            )
+        return len(stalled)
 
     @property
     def closed(self) -> bool:
