@@ -4,6 +4,7 @@ from __future__ import annotations
 import queue
 import threading
 from datetime import timedelta
+from typing import Any
 
 import grpc
 import pytest
@@ -200,6 +201,15 @@ def session_with_big_events(client, retries: int = 0) -> str:
     return sid
 
 
+def read_until_cut(stream: Any, first: int) -> tuple[list[int], FlowsessionError]:
+    """The versions a cut stream still delivers after ``first`` (already read), and the error it ends with."""
+    received = [first]
+    with pytest.raises(grpc.RpcError) as info:
+        for response in stream:
+            received.append(response.event.version)
+    return received, FlowsessionError.from_rpc_error(info.value)
+
+
 def test_a_watch_that_stops_reading_is_cut_off_with_the_last_version_it_was_sent(tmp_path):
     server = ServerThread(settings_for(tmp_path, watch_queue=2))
     try:
@@ -213,11 +223,7 @@ def test_a_watch_that_stops_reading_is_cut_off_with_the_last_version_it_was_sent
             while watcher_count(server) == 1 and version < 300:
                 version = report(client, sid, "liveness", "retry").version  # liveness routes retry to itself
             assert watcher_count(server) == 0, "the stalled watch was never cut off"
-            received = [2]
-            with pytest.raises(grpc.RpcError) as info:
-                for response in stalled:
-                    received.append(response.event.version)
-            error = FlowsessionError.from_rpc_error(info.value)
+            received, error = read_until_cut(stalled, first=2)
             assert (error.code, error.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "WATCHER_TOO_SLOW")
             assert received == list(range(2, len(received) + 2)) and received[-1] < version
             # The last version the server knows it handed over; the one it was sending when it cut the
@@ -358,11 +364,7 @@ def test_a_stream_whose_client_reads_nothing_is_cut_after_the_write_timeout(tmp_
             )
             assert next(stalled).event.version == 2  # open; now it stops reading
             wait_until(lambda: watcher_count(server) == 0, timeout=5.0)  # cut within about 0.4 s
-            received = [2]
-            with pytest.raises(grpc.RpcError) as info:
-                for response in stalled:
-                    received.append(response.event.version)
-            error = FlowsessionError.from_rpc_error(info.value)
+            received, error = read_until_cut(stalled, first=2)
             assert (error.code, error.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "WATCHER_TOO_SLOW")
             assert int(error.metadata["last_version"]) <= received[-1] < 62  # cut long before the end
     finally:
