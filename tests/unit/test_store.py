@@ -1394,6 +1394,37 @@ def test_health_comes_back_by_itself_once_a_failed_commit_is_over(tmp_path: Path
     run(tmp_path, body)
 
 
+def test_health_comes_back_while_calls_that_write_nothing_keep_coming(tmp_path: Path) -> None:
+    """Calls that write nothing (a refused change), more often than once per re-check interval, kept
+    the re-check from ever running: health stayed NOT_SERVING on a store that was fine again."""
+
+    async def body(store: Store, rec: Recorder) -> None:
+        w = store._writer
+        assert w is not None
+        w._recheck_s = 0.2
+        flow = await published_flow(store)
+        commit = w._commit
+        failures = {"left": 1}
+
+        def failing(conn: sqlite3.Connection) -> None:
+            if failures["left"]:
+                failures["left"] -= 1
+                raise sqlite3.OperationalError("disk I/O error")
+            commit(conn)
+
+        w._commit = failing  # type: ignore[method-assign]
+        with pytest.raises(Unavailable):
+            await create(store, flow.flow_id, "ses_1")
+        assert not store.writable
+        for _ in range(30):  # 1.5 s of calls every 50 ms, each committing nothing
+            with pytest.raises(NotFound):
+                await store.change_session(ENV, "ses_nope", abort())
+            await asyncio.sleep(0.05)  # paces the calls; not synchronisation
+        assert store.writable and rec.health[-1] is True
+
+    run(tmp_path, body)
+
+
 def test_checkpoints_copy_the_wal_into_the_database_file_outside_the_commit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -123,6 +123,7 @@ class Writer:
         self._on_rollback = on_rollback
         self._slow_commit = SLOW_COMMIT_S  # tests lower it to force commits onto the disk thread
         self._recheck_s = RECHECK_S  # tests lower it
+        self._recheck_at = 0.0  # time.monotonic() of the next re-check a busy unhealthy writer adds to a batch
         self._commit_time = 0.0  # moving average, seconds
         self._disk_until = 0.0  # time.monotonic() until which commits stay on the disk thread
         # time.monotonic() from which the next commit runs on the loop although the average is high; None
@@ -225,9 +226,17 @@ class Writer:
                     async with asyncio.timeout(self._recheck_s):
                         await self._wake.wait()
                 except TimeoutError:
+                    self._recheck_at = time.monotonic() + self._recheck_s
                     self._jobs.append(self._recheck())
                 continue
-            batch = [self._jobs.popleft() for _ in range(min(len(self._jobs), self._max_batch))]
+            # Commands that write nothing (refused changes, idempotent replays) must not starve the
+            # re-check: while unhealthy, it runs as a batch of its own (so that its failure is not theirs)
+            # before theirs, at most once per _recheck_s.
+            if not self.healthy and self._moved is None and time.monotonic() >= self._recheck_at:
+                self._recheck_at = time.monotonic() + self._recheck_s
+                batch = [self._recheck()]
+            else:
+                batch = [self._jobs.popleft() for _ in range(min(len(self._jobs), self._max_batch))]
             self._batch_size = len(batch)
             try:
                 await self._commit_batch(batch)
