@@ -615,8 +615,15 @@ async def _wait_for(task: asyncio.Task[Any]) -> None:
 def test_a_second_server_on_an_address_in_use_does_not_start(tmp_path):
     """With gRPC's default SO_REUSEPORT it bound the port too and took half of the connections."""
     first = ServerThread(settings_for(tmp_path))
+    (tmp_path / "other").mkdir()
+
+    async def tasks() -> list[str]:
+        return sorted(t.get_name() for t in asyncio.all_tasks() if t is not asyncio.current_task())
+
     try:
+        running = first.call(tasks())
         with pytest.raises(CannotListen, match=f"cannot listen on {first.address}"):
             first.call(build_server(settings_for(tmp_path / "other"), first.address))
+        assert first.call(tasks()) == running  # the failed start stopped its store's and loops' tasks
     finally:
         first.stop()

