@@ -1364,6 +1364,22 @@ def test_a_commit_that_writes_nothing_does_not_show_a_full_disk_writable_again(t
     run(tmp_path, body)
 
 
+def commits_fail(w: writer.Writer, count: int) -> dict[str, int]:
+    """The writer's next ``count`` COMMITs fail with an I/O error; then the disk is fine. Returns the
+    count left (``["left"]``)."""
+    commit = w._commit
+    failures = {"left": count}
+
+    def failing(conn: sqlite3.Connection) -> None:
+        if failures["left"]:
+            failures["left"] -= 1
+            raise sqlite3.OperationalError("disk I/O error")
+        commit(conn)
+
+    w._commit = failing  # type: ignore[method-assign]
+    return failures
+
+
 def test_health_comes_back_by_itself_once_a_failed_commit_is_over(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """After a failed commit, health stayed NOT_SERVING until some call wrote: with clients and load
     balancers that follow health sending none, for good. The writer writes by itself meanwhile (and
@@ -1374,16 +1390,7 @@ def test_health_comes_back_by_itself_once_a_failed_commit_is_over(tmp_path: Path
         assert w is not None
         w._recheck_s = 0.01
         flow = await published_flow(store)
-        commit = w._commit
-        failures = {"left": 3}  # the fault outlasts the call, then ends
-
-        def failing(conn: sqlite3.Connection) -> None:
-            if failures["left"]:
-                failures["left"] -= 1
-                raise sqlite3.OperationalError("disk I/O error")
-            commit(conn)
-
-        w._commit = failing  # type: ignore[method-assign]
+        failures = commits_fail(w, 3)  # the fault outlasts the call, then ends
         with pytest.raises(Unavailable):
             await create(store, flow.flow_id, "ses_1")
         assert rec.health[-1] is False
@@ -1403,16 +1410,7 @@ def test_health_comes_back_while_calls_that_write_nothing_keep_coming(tmp_path: 
         assert w is not None
         w._recheck_s = 0.2
         flow = await published_flow(store)
-        commit = w._commit
-        failures = {"left": 1}
-
-        def failing(conn: sqlite3.Connection) -> None:
-            if failures["left"]:
-                failures["left"] -= 1
-                raise sqlite3.OperationalError("disk I/O error")
-            commit(conn)
-
-        w._commit = failing  # type: ignore[method-assign]
+        commits_fail(w, 1)
         with pytest.raises(Unavailable):
             await create(store, flow.flow_id, "ses_1")
         assert not store.writable
