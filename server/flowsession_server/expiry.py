@@ -2,6 +2,10 @@
 
 New sessions wake it (``observe``) when they bring an earlier deadline. Sessions whose deadline passed
 while the server was down are expired on the first pass after start.
+
+Deadlines are wall-clock times, but sleeps run on the loop's monotonic clock, which neither follows a
+wall-clock step nor (on Linux) advances while the machine is suspended. So no sleep is longer than
+MAX_SLEEP: after each wake the wall clock is read again, and the store only once the deadline passed.
 """
 from __future__ import annotations
 
@@ -18,16 +22,22 @@ from .store.store import Store
 log = logging.getLogger(__name__)
 
 BATCH = 1000
+# The longest sleep towards a deadline, so how late expiry runs after the wall clock steps forward or a
+# suspended machine resumes. A wake with nothing due reads the clock, not the store: once a second costs
+# nothing beside the change feed's 50 looks a second, and reads never show RUNNING past the deadline
+# anyway (they expire an overdue session themselves), so only watchers see that second.
+MAX_SLEEP = 1.0
 
 
 class ExpiryScheduler(BackgroundLoop):
     name = "flowsession-expiry"
 
-    def __init__(self, store: Store, clock: Clock, *, retry_delay: float = 0.5):
+    def __init__(self, store: Store, clock: Clock, *, retry_delay: float = 0.5, max_sleep: float = MAX_SLEEP):
         super().__init__()
         self._store = store
         self._clock = clock
         self._retry_delay = retry_delay
+        self._max_sleep = max_sleep
         self._wake = asyncio.Event()
         self._next_due: datetime | None = None
         # The earliest deadline of the sessions created since the current pass began: the pass's read of
@@ -64,12 +74,23 @@ class ExpiryScheduler(BackgroundLoop):
                 self._next_due = None
                 await self._sleep_or_wake(self._retry_delay)
                 continue
-            delay = None if self._next_due is None else (self._next_due - self._clock.now()).total_seconds()
-            if delay is None or delay > 0:
-                await self._sleep_or_wake(delay)
+            await self._until_due()
 
-    async def _sleep_or_wake(self, delay: float | None) -> None:
+    async def _until_due(self) -> None:
+        """Returns once the next deadline passed by the wall clock, or a wake-up came."""
+        if self._next_due is None:  # nothing RUNNING: only a new session (observe) brings a deadline
+            await self._wake.wait()
+            return
+        while (delay := (self._next_due - self._clock.now()).total_seconds()) > 0:
+            if await self._sleep_or_wake(min(delay, self._max_sleep)):
+                return
+
+    async def _sleep_or_wake(self, delay: float) -> bool:
+        """True if woken before ``delay`` seconds (of the loop's clock) passed."""
+        # asyncio.timeout, not wait_for: no task per wake, and it wakes every MAX_SLEEP.
         try:
-            await asyncio.wait_for(self._wake.wait(), timeout=delay)
+            async with asyncio.timeout(delay):
+                await self._wake.wait()
         except TimeoutError:
-            pass
+            return False
+        return True

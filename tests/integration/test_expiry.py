@@ -101,3 +101,35 @@ def test_sessions_whose_deadline_passed_while_down_expire_right_after_start(tmp_
             wait_until(lambda: _status_in_db(settings.db_path, sid) == "EXPIRED")
     finally:
         later.stop()
+
+
+def test_a_wall_clock_step_forward_while_the_scheduler_sleeps_expires_within_a_second(tmp_path):
+    # An NTP step or a resumed VM: the wall clock jumps while the loop's monotonic clock does not. The
+    # scheduler sleeping towards a deadline an hour away must notice within its cap, not an hour later.
+    clock = FakeClock(SystemClock().now())
+    server = ServerThread(settings_for(tmp_path), clock=clock)
+    try:
+        with connect(server.address) as client:
+            flow_id = published_flow(client, timeout_s=3600)
+            sid = new_session(client, flow_id).session.session_id
+            got: queue.Queue = queue.Queue()
+
+            def consume() -> None:
+                stream = client.sessions.WatchSession(
+                    spb.WatchSessionRequest(environment="live", session_id=sid), timeout=TIMEOUT
+                )
+                try:
+                    for r in stream:
+                        got.put(r.event)
+                except grpc.RpcError as err:
+                    got.put(err)
+                got.put(None)
+
+            threading.Thread(target=consume, daemon=True).start()
+            assert got.get(timeout=TIMEOUT).type == session_pb2.SESSION_EVENT_TYPE_CREATED
+            clock.advance(timedelta(hours=2))  # no RPC from here: only the scheduler can expire it
+            expired = got.get(timeout=3)  # the cap is 1 s; 3 s leaves room for a loaded machine
+            assert expired.type == session_pb2.SESSION_EVENT_TYPE_EXPIRED, expired
+            assert got.get(timeout=TIMEOUT) is None
+    finally:
+        server.stop()
