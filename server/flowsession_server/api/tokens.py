@@ -28,4 +28,7 @@ def issue(session: Session, key: bytes) -> str:
 
 def verify(token: str, key: bytes) -> dict[str, Any]:
     """Decodes and checks signature, issuer and expiry; raises jwt.InvalidTokenError otherwise."""
-    return jwt.decode(token, key, algorithms=[ALGORITHM], issuer=ISSUER)
+    # Not iat (PyJWT checks it by default): it is when the session began by the issuing server's clock,
+    # not a validity bound, and a clock stepped back since (or a verifier's behind) would refuse the
+    # token of a RUNNING session until that clock caught up.
+    return jwt.decode(token, key, algorithms=[ALGORITHM], issuer=ISSUER, options={"verify_iat": False})
