@@ -114,6 +114,38 @@ def test_from_now_streams_matching_events_in_commit_order(server, client):
         completed.close()
 
 
+def test_an_event_fanned_out_to_many_streams_is_converted_and_serialized_once(server, client, monkeypatch):
+    """Every stream gets the same bytes: serializing a session with a 200 KB input took about 0.5 ms, once
+    per stream, so 100 watchers of an environment cost 50 ms of the event loop per such event."""
+    serialized: list[int] = []
+    convert_event = streams_module.convert.event_response
+
+    class Counted:
+        def __init__(self, message):
+            self._message = message
+
+        def SerializeToString(self) -> bytes:
+            serialized.append(self._message.event.version)
+            return self._message.SerializeToString()
+
+    monkeypatch.setattr(streams_module.convert, "event_response", lambda *args: Counted(convert_event(*args)))
+    flow = published_flow(client)
+    big = struct_pb2.Struct()
+    big.update({f"k{i}": "x" * 100 for i in range(500)})
+    session = new_session(client, flow, input=big).session
+    watchers = [Collector(client) for _ in range(3)]
+    try:
+        wait_until(lambda: watcher_count(server) == 3)
+        report(client, session.session_id, "document", "ok")
+        for watcher in watchers:
+            (event,) = watcher.events(1)
+            assert (event.session.session_id, event.version, event.session.input) == (session.session_id, 2, big)
+        assert serialized == [2]
+    finally:
+        for watcher in watchers:
+            watcher.close()
+
+
 def test_include_current_sends_each_running_session_first(client):
     flow_id = published_flow(client)
     running = [new_session(client, flow_id).session.session_id for _ in range(3)]

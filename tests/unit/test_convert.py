@@ -96,3 +96,6 @@ def test_kept_messages_are_bounded_by_count_and_by_bytes() -> None:
     huge = session_pb2.Session(state="y" * 20_000)
     kept.keep("huge", huge)  # over the budget alone: kept (it is being fanned out), the rest goes
     assert len(kept) == 1 and kept.get("huge") is huge
+    serialized = huge.SerializeToString()  # what watch streams keep: weighed by its length
+    kept.keep("huge", serialized)
+    assert kept.get("huge") is serialized and kept.kept_bytes == len(serialized)

@@ -146,7 +146,8 @@ KEPT_BYTES = 8 * 1024 * 1024
 
 
 class Kept(Generic[K, V]):
-    """The most recently kept messages, at most ``capacity`` of them and ``max_bytes`` serialized."""
+    """The most recently kept messages (or serialized messages, as bytes), at most ``capacity`` of them
+    and ``max_bytes`` serialized."""
 
     def __init__(self, capacity: int = KEPT_MESSAGES, max_bytes: int = KEPT_BYTES):
         self._capacity = capacity
@@ -159,7 +160,7 @@ class Kept(Generic[K, V]):
         return None if found is None else found[0]
 
     def keep(self, key: K, message: V) -> None:
-        size = message.ByteSize()  # type: ignore[attr-defined]
+        size = len(message) if isinstance(message, bytes) else message.ByteSize()  # type: ignore[attr-defined]
         earlier = self._items.pop(key, None)
         if earlier is not None:
             self._bytes -= earlier[1]

@@ -134,12 +134,20 @@ class _Captured:
         self.services[service] = handlers
 
 
+def _bytes_as_they_are(serialize: Callable[[Any], bytes]) -> Callable[[Any], bytes]:
+    def serialize_unless_bytes(response: Any) -> bytes:
+        return response if type(response) is bytes else serialize(response)
+
+    return serialize_unless_bytes
+
+
 def add_servicer(
-    add_to_server: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server, *, lenient: bool = True
+    add_to_server: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server, *, ours: bool = True
 ) -> None:
-    """Registers ``servicer`` through its generated ``add_to_server``, with request deserializers that
-    hand undecodable bytes to the handler (which ``unary`` below answers with INVALID_ARGUMENT) unless
-    ``lenient`` is false (health, reflection: code that is not ours).
+    """Registers ``servicer`` through its generated ``add_to_server``. For ``ours`` (not health or
+    reflection), request deserializers hand undecodable bytes to the handler (which ``unary`` below
+    answers with INVALID_ARGUMENT), and a streaming method may write a response already serialized, as
+    bytes: one event fans out to many watch streams, serialized once.
 
     As generic handlers only, never as registered methods (which the generated code asks for): the aio
     server keeps one request for a call pending in gRPC core per registered method, and when it stops,
@@ -151,9 +159,14 @@ def add_servicer(
     add_to_server(servicer, captured)
     assert captured.services, "the generated code registered no method handlers"
     for service, handlers in captured.services.items():
-        if lenient:
+        if ours:
             handlers = {
-                name: handler._replace(request_deserializer=_lenient(handler.request_deserializer))  # type: ignore[attr-defined]
+                name: handler._replace(  # type: ignore[attr-defined]
+                    request_deserializer=_lenient(handler.request_deserializer),
+                    response_serializer=_bytes_as_they_are(handler.response_serializer)
+                    if handler.response_streaming
+                    else handler.response_serializer,
+                )
                 for name, handler in handlers.items()
             }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))

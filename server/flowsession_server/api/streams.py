@@ -75,19 +75,20 @@ class _Sender:
 
 
 class _Responses:
-    """One response message per (event, stream kind), shared by every watcher it fans out to: with
-    thousands of watchers, converting each event once instead of once per stream is most of the cost."""
+    """One response per (event, stream kind), serialized once and written as those bytes to every watcher
+    it fans out to (the stream methods pass bytes through, errors.add_servicer): with thousands of
+    watchers, converting and serializing each event once instead of once per stream is most of the cost."""
 
     def __init__(self, store: Store):
         self._store = store
-        self._cache: convert.Kept[tuple[type, int], Any] = convert.Kept()
+        self._cache: convert.Kept[tuple[type, int], bytes] = convert.Kept()
 
-    def get(self, kind: type, event: SessionEvent) -> Any:
+    def get(self, kind: type, event: SessionEvent) -> bytes:
         key = (kind, event.cursor)
         response = self._cache.get(key)
         if response is None:
             assert self._store.keys is not None
-            response = convert.event_response(kind, event, self._store.keys.epoch)
+            response = convert.event_response(kind, event, self._store.keys.epoch).SerializeToString()
             self._cache.keep(key, response)
         return response
 
