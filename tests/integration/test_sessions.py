@@ -225,6 +225,12 @@ REFUSED_CREATES = {
     "redirect-no-host": ({"redirect_url": "https://"}, "redirect_url"),
     "redirect-javascript": ({"redirect_url": "javascript:alert(1)"}, "redirect_url"),
     "redirect-2049": ({"redirect_url": "https://example.com/" + "a" * (2049 - len("https://example.com/"))}, "redirect_url"),
+    # urlsplit drops leading control characters before parsing: these passed, and were stored as sent.
+    "redirect-leading-nul": ({"redirect_url": "\x00https://example.com/done"}, "redirect_url"),
+    "redirect-nul-in-host": ({"redirect_url": "https://exa\x00mple.com/"}, "redirect_url"),
+    "redirect-backspace": ({"redirect_url": "https://example.com\x08/"}, "redirect_url"),
+    "redirect-del": ({"redirect_url": "https://a/\x7f"}, "redirect_url"),
+    "redirect-c1": ({"redirect_url": "https://a/\x85done"}, "redirect_url"),
     "metadata-51-entries": ({"metadata": {f"k{i}": "v" for i in range(51)}}, "metadata"),
     "metadata-empty-key": ({"metadata": {"": "v"}}, "metadata"),
     "metadata-key-65": ({"metadata": {"k" * 65: "v"}}, "metadata"),

@@ -1,6 +1,7 @@
 """Field checks shared by every request: each adds to a Violations collector instead of raising."""
 from __future__ import annotations
 
+import unicodedata
 from typing import Mapping
 from urllib.parse import SplitResult, urlsplit
 
@@ -66,9 +67,11 @@ def redirect_url(v: Violations, value: str) -> None:
         parts is None
         or parts.scheme not in ("http", "https")
         or not parts.hostname
-        or any(c.isspace() for c in value)
+        # Control characters too: urlsplit drops leading ones (and spaces) before parsing, so a value
+        # starting with NUL passed as the URL after it, and was stored as sent.
+        or any(c.isspace() or unicodedata.category(c) == "Cc" for c in value)
     ):
-        v.add("redirect_url", "must be an absolute http or https URL with a host")
+        v.add("redirect_url", "must be an absolute http or https URL with a host, without whitespace or control characters")
     elif not _valid_port(parts):
         v.add("redirect_url", "has a port that is not a number from 0 to 65535")
 
