@@ -8,9 +8,11 @@ import grpc
 import pytest
 from flowsession.client import FlowsessionError
 from flowsession.v1 import flow_service_pb2 as fpb
+from flowsession.v1 import session_pb2
 from flowsession.v1 import session_service_pb2 as spb
 from google.protobuf import struct_pb2
 
+from flowsession_server.api import flow_service
 from flowsession_server.domain import paging
 from flowsession_server.store import reads
 
@@ -151,7 +153,7 @@ def test_echoed_values_are_cut_in_violations_and_metadata(client):
 @pytest.mark.parametrize(
     "rpc, request_",
     [
-        ("ListSessions", spb.ListSessionsRequest(environment="live", statuses=[0] * 1000)),
+        ("ListSessions", spb.ListSessionsRequest(environment="live", statuses=range(6, 1006))),
         ("CreateSession", spb.CreateSessionRequest(flow_id="f", environment="live", metadata={f"{i:02d}" + "k" * 98: "v" * 600 for i in range(50)})),
     ],
     ids=["1000-bad-statuses", "50-bad-metadata-entries"],
@@ -159,6 +161,53 @@ def test_echoed_values_are_cut_in_violations_and_metadata(client):
 def test_many_violations_stay_invalid_argument(client, rpc, request_):
     err = expect_error(getattr(client.sessions, rpc), request_, INVALID, "INVALID_ARGUMENT")
     assert err.field_violations and int(err.metadata["omitted_violations"]) > 0
+
+
+def test_a_request_of_a_million_bad_values_is_refused_without_describing_each(client):
+    """A violation built and joined per value of a 1 MB request held the event loop, so every other
+    call, for 2 s: the first ones are described, the rest only counted."""
+    request = spb.ListSessionsRequest(environment="live", statuses=range(6, 1_000_006))
+    err = expect_error(client.sessions.ListSessions, request, INVALID, "INVALID_ARGUMENT")
+    assert err.field_violations[0] == ("statuses[0]", "not a session status: 6")
+    assert len(err.field_violations) + int(err.metadata["omitted_violations"]) == 1_000_000
+
+
+def test_a_graph_over_the_step_limit_is_refused_on_its_size_alone(client, monkeypatch):
+    """Converting and checking a graph of 150,000 steps (3 MB) held the event loop for 2 s: one over the
+    limit is refused for its size, its steps neither converted nor checked."""
+    converted: list[int] = []
+    convert_graph = flow_service.convert.graph_from_pb
+    monkeypatch.setattr(
+        flow_service.convert, "graph_from_pb", lambda start, steps: converted.append(len(steps)) or convert_graph(start, steps)
+    )
+    steps = [step(f"s{i}", ok=f"s{i + 1}") for i in range(100_000)]  # unreachable and dead ends, beside the size
+    request = fpb.CreateFlowVersionRequest(flow_id=_flow_id(client), start_step_id="s0", steps=steps)
+    err = expect_error(client.flows.CreateFlowVersion, request, INVALID, "INVALID_FLOW_GRAPH")
+    assert err.field_violations == [("steps", "must have at most 200 steps (got 100000)")] and converted == []
+    request = fpb.CreateFlowVersionRequest(flow_id=_flow_id(client), start_step_id="nowhere", steps=steps)
+    request.execution_timeout.seconds = 1
+    request.execution_timeout.nanos = -1
+    err = expect_error(client.flows.CreateFlowVersion, request, INVALID, "INVALID_FLOW_GRAPH")
+    assert [field for field, _ in err.field_violations] == ["execution_timeout", "steps"] and converted == []
+
+
+def test_a_repeated_status_filters_once_and_keeps_its_page_tokens(client):
+    flow_id = published_flow(client)
+    for _ in range(2):
+        new_session(client, flow_id)
+    running = session_pb2.SESSION_STATUS_RUNNING
+    first = client.sessions.ListSessions(
+        spb.ListSessionsRequest(environment="live", statuses=[running], page_size=1), timeout=TIMEOUT
+    )
+    rest = client.sessions.ListSessions(
+        spb.ListSessionsRequest(environment="live", statuses=[running, running], page_token=first.next_page_token),
+        timeout=TIMEOUT,
+    )
+    assert len(first.sessions) == len(rest.sessions) == 1 and first.sessions[0] != rest.sessions[0]
+    err = expect_error(
+        client.sessions.ListSessions, spb.ListSessionsRequest(environment="live", statuses=[9, running, 9]), INVALID
+    )
+    assert err.field_violations == [("statuses[0]", "not a session status: 9")]
 
 
 def _pages(rpc, request, items: str) -> list:

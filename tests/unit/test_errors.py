@@ -7,7 +7,7 @@ import time
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 from flowsession_server.api import errors
-from flowsession_server.domain.errors import FieldViolation, InvalidArgument, NotFound, Unavailable
+from flowsession_server.domain.errors import MAX_VIOLATIONS, FieldViolation, InvalidArgument, NotFound, Unavailable, Violations
 
 
 @pytest.mark.parametrize("text", ["é" * 400, "€" * 300, "x" * 1000, "a€" * 200])
@@ -19,6 +19,22 @@ def test_clip_cuts_to_whole_characters_within_the_byte_budget(text):
 
 def test_clip_leaves_short_text_alone():
     assert errors.clip("é" * 256, 512) == "é" * 256
+
+
+def test_violations_beyond_those_an_error_can_carry_are_only_counted():
+    # A request of a million bad values built a million violations (and a message joining them all)
+    # for an error that carries a few dozen: seconds of the event loop.
+    v = Violations()
+    for i in range(10 * MAX_VIOLATIONS):
+        v.add(f"statuses[{i}]", "not a session status")
+    assert len(v.items) == MAX_VIOLATIONS and v.full and v.omitted == 9 * MAX_VIOLATIONS
+    with pytest.raises(InvalidArgument) as raised:
+        v.raise_if_any()
+    status = status_pb2.Status.FromString(dict(errors.status_for(raised.value).trailing_metadata)["grpc-status-details-bin"])
+    info, bad = error_details_pb2.ErrorInfo(), error_details_pb2.BadRequest()
+    status.details[0].Unpack(info)
+    status.details[1].Unpack(bad)
+    assert len(bad.field_violations) + int(info.metadata["omitted_violations"]) == 10 * MAX_VIOLATIONS
 
 
 def test_status_of_a_huge_error_fits_grpcs_default_8_kib_trailers():

@@ -72,7 +72,7 @@ def _violations(error: d.InvalidArgument) -> tuple[list[error_details_pb2.BadReq
         if size > MAX_VIOLATIONS_BYTES:
             break
         kept.append(item)
-    return kept, len(error.violations) - len(kept)
+    return kept, len(error.violations) - len(kept) + error.omitted
 
 
 def status_for(error: d.DomainError) -> grpc.Status:

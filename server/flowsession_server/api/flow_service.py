@@ -20,13 +20,15 @@ def _definition(
 ) -> tuple[FlowGraph, timedelta]:
     """The version's graph and timeout. Raises every violation at once, the request's fields' (in ``v``)
     and the graph's, with reason INVALID_FLOW_GRAPH when the graph has any."""
+    timeout = convert.execution_timeout(v, request)  # the default if refused: no second violation below
+    if flowgraph.oversized(v, request.start_step_id, len(request.steps), timeout):
+        v.raise_if_any(reason="INVALID_FLOW_GRAPH")
     unknown = set()
     for i, step in enumerate(request.steps):
         if convert.outcome_from_pb(step.outcome) is None:
             v.add(f"steps[{i}].outcome", f"unknown outcome value {step.outcome}")
             unknown.add(i)
     graph = convert.graph_from_pb(request.start_step_id, request.steps)
-    timeout = convert.execution_timeout(v, request)  # the default if refused: no second violation below
     # A step with an unknown outcome was meant as an end step: checked as one, its only fault is that.
     checked = graph
     if unknown:

@@ -32,14 +32,16 @@ class InvalidArgument(DomainError):
         violations: list[FieldViolation] | None = None,
         reason: str | None = None,
         metadata: dict[str, str] | None = None,
+        omitted: int = 0,
     ):
         super().__init__(message, reason=reason, metadata=metadata)
         self.violations = list(violations or [])
+        self.omitted = omitted  # violations found beyond ``violations``, only counted
 
     @classmethod
-    def of(cls, violations: list[FieldViolation], *, reason: str | None = None) -> InvalidArgument:
+    def of(cls, violations: list[FieldViolation], *, reason: str | None = None, omitted: int = 0) -> InvalidArgument:
         summary = "; ".join(f"{v.field}: {v.description}" for v in violations)
-        return cls(f"invalid request: {summary}", violations=violations, reason=reason)
+        return cls(f"invalid request: {summary}", violations=violations, reason=reason, omitted=omitted)
 
 
 class NotFound(DomainError):
@@ -85,15 +87,36 @@ class Unavailable(DomainError):
         return cls(f"the server is shutting down; {what_to_do}", reason="SHUTTING_DOWN", retry_after=1.0)
 
 
+# Violations kept per request, more than fit in an error's details (api/errors.py); the rest are only
+# counted: building and joining a million of them (a 1 MB request of bad values) held the event loop,
+# and every other call, for two seconds.
+MAX_VIOLATIONS = 100
+
+
 @dataclass
 class Violations:
-    """Collects every field violation of a request so the caller learns all of them at once."""
+    """Collects every field violation of a request so the caller learns all of them at once (the first
+    MAX_VIOLATIONS, and how many more)."""
 
     items: list[FieldViolation] = field(default_factory=list)
+    omitted: int = 0
 
     def add(self, field_path: str, description: str) -> None:
-        self.items.append(FieldViolation(field_path, description))
+        if len(self.items) < MAX_VIOLATIONS:
+            self.items.append(FieldViolation(field_path, description))
+        else:
+            self.omitted += 1
+
+    @property
+    def full(self) -> bool:
+        """True once further violations are only counted: a loop over many values may stop describing
+        them and ``omit`` the rest."""
+        return len(self.items) >= MAX_VIOLATIONS
+
+    def omit(self, count: int) -> None:
+        """Counts ``count`` violations that were found but not described."""
+        self.omitted += count
 
     def raise_if_any(self, reason: str | None = None) -> None:
         if self.items:
-            raise InvalidArgument.of(self.items, reason=reason)
+            raise InvalidArgument.of(self.items, reason=reason, omitted=self.omitted)
