@@ -59,6 +59,15 @@ def test_health_is_serving(client):
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_health_lists_every_service_as_check_answers_it(client):
+    stub = health_pb2_grpc.HealthStub(client._channel)
+    listed = stub.List(health_pb2.HealthListRequest(), timeout=TIMEOUT).statuses
+    assert set(listed) == {"", "flowsession.v1.SessionService", "flowsession.v1.FlowService"}
+    for service, reply in listed.items():
+        assert reply == stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
 def test_reflection_lists_the_services(client):
     stub = reflection_pb2_grpc.ServerReflectionStub(client._channel)
     replies = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=TIMEOUT)

@@ -120,9 +120,9 @@ class FlowsessionServer:
             SessionService(self.store, streams, self.settings.environments, self.admission),
             self.server,
         )
-        errors.add_servicer(health_pb2_grpc.add_HealthServicer_to_server, self.health, self.server, ours=False)
+        errors.add_servicer(health_pb2_grpc.add_HealthServicer_to_server, self.health, self.server)
         errors.add_servicer(
-            reflection_pb2_grpc.add_ServerReflectionServicer_to_server, self.reflection, self.server, ours=False
+            reflection_pb2_grpc.add_ServerReflectionServicer_to_server, self.reflection, self.server
         )
         # Bound last: the port accepts connections only once calls can be served (a TCP probe, or a
         # client connecting during a long start, would otherwise find it open and hang).

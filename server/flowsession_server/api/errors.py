@@ -111,6 +111,13 @@ class Undecodable:
         return d.InvalidArgument(f"the request could not be decoded: {self.problem}", reason="MALFORMED_REQUEST")
 
 
+async def refuse_undecodable(request: Any, context: grpc.aio.ServicerContext) -> None:
+    """Ends the call with INVALID_ARGUMENT / MALFORMED_REQUEST if ``request`` could not be decoded: for
+    the servicers that are not ``unary``'s (health, reflection)."""
+    if isinstance(request, Undecodable):
+        await context.abort_with_status(status_for(request.error()))
+
+
 def _lenient(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     def parse(data: bytes) -> Any:
         try:
@@ -141,13 +148,12 @@ def _bytes_as_they_are(serialize: Callable[[Any], bytes]) -> Callable[[Any], byt
     return serialize_unless_bytes
 
 
-def add_servicer(
-    add_to_server: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server, *, ours: bool = True
-) -> None:
-    """Registers ``servicer`` through its generated ``add_to_server``. For ``ours`` (not health or
-    reflection), request deserializers hand undecodable bytes to the handler (which ``unary`` below
-    answers with INVALID_ARGUMENT), and a streaming method may write a response already serialized, as
-    bytes: one event fans out to many watch streams, serialized once.
+def add_servicer(add_to_server: Callable[[Any, Any], None], servicer: Any, server: grpc.aio.Server) -> None:
+    """Registers ``servicer`` through its generated ``add_to_server``. Request deserializers hand
+    undecodable bytes to the handler as an ``Undecodable`` (which ``unary`` below, and health and
+    reflection, answer with INVALID_ARGUMENT; a deserializer's own exception reached the client as
+    UNKNOWN, with a traceback logged per call), and a streaming method may write a response already
+    serialized, as bytes: one event fans out to many watch streams, serialized once.
 
     As generic handlers only, never as registered methods (which the generated code asks for): the aio
     server keeps one request for a call pending in gRPC core per registered method, and when it stops,
@@ -159,16 +165,15 @@ def add_servicer(
     add_to_server(servicer, captured)
     assert captured.services, "the generated code registered no method handlers"
     for service, handlers in captured.services.items():
-        if ours:
-            handlers = {
-                name: handler._replace(  # type: ignore[attr-defined]
-                    request_deserializer=_lenient(handler.request_deserializer),
-                    response_serializer=_bytes_as_they_are(handler.response_serializer)
-                    if handler.response_streaming
-                    else handler.response_serializer,
-                )
-                for name, handler in handlers.items()
-            }
+        handlers = {
+            name: handler._replace(  # type: ignore[attr-defined]
+                request_deserializer=_lenient(handler.request_deserializer),
+                response_serializer=_bytes_as_they_are(handler.response_serializer)
+                if handler.response_streaming
+                else handler.response_serializer,
+            )
+            for name, handler in handlers.items()
+        }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
 
 

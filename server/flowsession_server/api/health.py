@@ -42,7 +42,23 @@ class Health(health.aio.HealthServicer):
         self.closing = False
         self._watches: dict[asyncio.Task[None], _Telling] = {}
 
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthCheckResponse:
+        await errors.refuse_undecodable(request, context)
+        return await super().Check(request, context)
+
+    async def List(self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext) -> health_pb2.HealthListResponse:
+        """Every service's status. grpcio's servicer leaves this newer method of the protocol out: it
+        answered UNIMPLEMENTED, "Unexpected NotImplementedError", and logged a traceback per call."""
+        await errors.refuse_undecodable(request, context)
+        statuses = self._server_status  # what Check answers from (the base class keeps it)
+        return health_pb2.HealthListResponse(
+            statuses={service: health_pb2.HealthCheckResponse(status=status) for service, status in statuses.items()}
+        )
+
     async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+        await errors.refuse_undecodable(request, context)
         if not self.closing:
             telling = _Telling(context, self)
             watch = asyncio.ensure_future(super().Watch(request, telling))

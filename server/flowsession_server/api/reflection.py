@@ -24,7 +24,7 @@ class Reflection(reflection.aio.ReflectionServicer):  # type: ignore[name-define
     async def ServerReflectionInfo(  # type: ignore[override]
         self, request_iterator: AsyncIterable[reflection_pb2.ServerReflectionRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[reflection_pb2.ServerReflectionResponse]:
-        answers = super().ServerReflectionInfo(request_iterator, context).__aiter__()
+        answers = super().ServerReflectionInfo(_decoded(request_iterator, context), context).__aiter__()
         closed = asyncio.ensure_future(self._closed.wait())
         try:
             while True:
@@ -43,3 +43,11 @@ class Reflection(reflection.aio.ReflectionServicer):  # type: ignore[name-define
     def close(self) -> None:
         """Shutdown: every open stream, and every one opened from now on, ends with SHUTTING_DOWN."""
         self._closed.set()
+
+
+async def _decoded(
+    requests: AsyncIterable[reflection_pb2.ServerReflectionRequest], context: grpc.aio.ServicerContext
+) -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+    async for request in requests:
+        await errors.refuse_undecodable(request, context)
+        yield request
