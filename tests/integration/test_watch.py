@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import queue
+import sqlite3
 import threading
 from datetime import timedelta
 from typing import Any
@@ -262,6 +263,27 @@ def test_resuming_after_versions_retention_pruned_is_cursor_expired_not_a_gap(tm
             assert [e.version for e in watch_raw(client, sid)] == [4]
     finally:
         server.stop()
+
+
+def test_a_hole_in_a_sessions_versions_is_cursor_expired_not_skipped(server, client):
+    """A page of the log with a version missing in the middle (retention part-way through its pass, or
+    versions stamped out of order) was sent with the hole: only its first version was checked."""
+    flow_id = published_flow(client)
+    sid = new_session(client, flow_id).session.session_id
+    report(client, sid, "document", "ok")
+    report(client, sid, "liveness", "retry")
+    report(client, sid, "liveness", "ok")  # terminal at version 4
+    with sqlite3.connect(server.settings.db_path) as db:
+        db.execute("DELETE FROM events WHERE session_id = ? AND version = 3", [sid])
+    watch = lambda request, timeout: list(client.sessions.WatchSession(request, timeout=timeout))  # noqa: E731
+    err = expect_error(
+        watch,
+        spb.WatchSessionRequest(environment="live", session_id=sid, after_version=1),
+        grpc.StatusCode.OUT_OF_RANGE,
+        "CURSOR_EXPIRED",
+    )
+    assert err.metadata["oldest_version"] == "4"  # what follows on from the hole
+    assert [e.version for e in watch_raw(client, sid, after_version=3)] == [4]
 
 
 def test_watch_from_zero_starts_at_the_retained_state_when_retention_prunes_the_one_it_read(tmp_path):

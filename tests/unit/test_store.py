@@ -1716,6 +1716,37 @@ def test_a_shutdown_deadline_ends_a_wait_for_another_process_lock_and_writes_not
     run(tmp_path, body)
 
 
+def test_retention_prunes_a_sessions_versions_oldest_first_whatever_their_times(tmp_path: Path) -> None:
+    """A version stamped before the one before it (a process whose clock is 2 s behind, a clock stepped
+    back) was pruned while that one was kept: a hole in the versions, which a WatchSession resumed from
+    before it skipped. A version goes only once every earlier one of its session is due too."""
+    clock, behind = FakeClock(T0), FakeClock(T0 - timedelta(seconds=2))
+    week = timedelta(days=7)
+
+    async def body(store: Store, _rec: Recorder) -> None:
+        other = Store(store.path, behind)  # another process on the file
+        await other.open(Recorder().on_commit, Recorder().on_health)
+        try:
+            flow = await published_flow(store, timeout=timedelta(days=30))
+            await create(store, flow.flow_id, "ses_1")  # v1 at T0
+            for c in (clock, behind):
+                c.advance(timedelta(seconds=1))
+            await store.change_session(ENV, "ses_1", report("check", "retry"))  # v2 at T0 + 1 s
+            await other.change_session(ENV, "ses_1", report("check", "retry"))  # v3 at T0 - 1 s
+            await store.change_session(ENV, "ses_1", report("check", "ok"))  # v4, COMPLETED
+            for c in (clock, behind):
+                c.advance(week)  # the cutoff is T0 + 1 s: v1 and v3 are due, v2 is not
+            assert (await store.prune_events(week)).removed == 1  # v1 only: v3 waits for v2
+            assert [e.version for e in await store.events_after("ses_1", 0)] == [2, 3, 4]
+            clock.advance(timedelta(seconds=1))
+            assert (await store.prune_events(week)).removed == 2
+            assert [e.version for e in await store.events_after("ses_1", 0)] == [4]
+        finally:
+            await other.close()
+
+    run(tmp_path, body, clock)
+
+
 @pytest.mark.parametrize("clock_trouble", ["ahead_for_one_pass", "stepped_back_past_retention", "behind_the_creator"])
 def test_retention_still_prunes_everything_due_when_clocks_misbehave(tmp_path: Path, clock_trouble: str) -> None:
     """The floor comes from clock readings: a pass by a clock a year ahead, a clock stepped back by

@@ -169,11 +169,16 @@ class Streams:
             latest), the oldest retained event is the current state to start from (the latest event,
             never pruned, is there), so nothing is refused."""
             pending = await self._store.events_after(request.session_id, last)
-            if pending and pending[0].version != last + 1 and not from_current:
+            first = pending[0].version if from_current and pending else last + 1
+            # Anywhere in the page, not only at its start: retention deletes a session's versions oldest
+            # first, but one pass of it goes on in several commits, and events stamped out of order
+            # (processes' clocks apart, a clock stepped back) wait for their elders.
+            resumable = _after_last_hole(pending, first)
+            if resumable is not None:
                 raise OutOfRange(
-                    f"events after version {last} are no longer retained; read the session and watch from 0",
+                    f"events after version {last} are no longer all retained; read the session and watch from 0",
                     reason="CURSOR_EXPIRED",
-                    metadata={"oldest_version": str(pending[0].version)},
+                    metadata={"oldest_version": str(resumable)},
                 )
             return pending
 
@@ -325,6 +330,17 @@ class Streams:
             reason="CURSOR_EXPIRED",
             metadata={"oldest_cursor": convert.cursor_token(self._epoch, oldest)},
         )
+
+
+def _after_last_hole(events: list[SessionEvent], first: int) -> int | None:
+    """None when ``events`` are versions ``first``, ``first`` + 1, ... with no hole; else the version
+    after the last hole (the oldest one from which the rest follow on)."""
+    expected, after_hole = first, None
+    for event in events:
+        if event.version != expected:
+            after_hole = event.version
+        expected = event.version + 1
+    return after_hole
 
 
 def _with_position(error: DomainError, position: dict[str, str]) -> DomainError:

@@ -383,11 +383,16 @@ def prune_events(limit: int, retention: timedelta, from_us: int | None, now: dat
         cutoff = codec.to_us(now - retention)
         kept = int(conn.execute("SELECT value FROM meta WHERE key = 'prune_floor_us'").fetchone()["value"])
         floor = from_us if from_us is not None else kept if kept <= cutoff else 0
+        # Only while every earlier version of the session is due too: a later version stamped before an
+        # earlier one (two processes' clocks apart, or a clock stepped back) would leave a hole in the
+        # versions otherwise, which a WatchSession resumed from before it would have to refuse.
         rows = conn.execute(
             "SELECT e.cursor, e.session_id, e.version, e.event_us FROM events e JOIN sessions s ON s.session_id = e.session_id "
             "WHERE e.event_us >= ? AND e.event_us < ? AND s.status != 'RUNNING' AND e.version < s.version "
+            "AND NOT EXISTS (SELECT 1 FROM events o WHERE o.session_id = e.session_id AND o.version < e.version "
+            "AND o.event_us >= ?) "
             "ORDER BY e.event_us LIMIT ?",
-            [floor, cutoff, limit],
+            [floor, cutoff, cutoff, limit],
         ).fetchall()
         cursors = [r["cursor"] for r in rows]
         # Idempotency keys live as long as history: kept while the session runs and for the retention
