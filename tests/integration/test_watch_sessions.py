@@ -236,7 +236,7 @@ def test_every_event_arrives_once_per_watcher_under_concurrent_writers_and_rando
         for w in writers:
             w.result(timeout=TIMEOUT)
     # The log itself, read from the store: every watcher got exactly its beginning, in order.
-    logged = [(e.session_id, e.version) for e in server.call(server.server.store.events_since(0, 1_000_000))]
+    logged = [(e.session_id, e.version) for e in server.call(server.server.store.log_after(0, 1_000_000))[1]]
     log_keys = logged[logged.index((seed, 1)) + 1 :]  # the origin every watcher resumed after
     assert len(log_keys) >= 120
     for seen in results:
@@ -577,6 +577,40 @@ def test_two_processes_on_one_file_see_each_others_changes_and_expire_once(tmp_p
         for p in (a, b):
             p.terminate()
             p.close()
+
+
+def test_a_live_stream_whose_server_read_another_process_commits_only_after_retention_pruned_them_expires(tmp_path):
+    """A process whose change feed fell behind another's commits by more than the retention period read
+    the log with holes (retention, on either process, had deleted events it never published), and its
+    live WatchSessions streams skipped them without a word."""
+    clock = FakeClock(SystemClock().now())
+    here = ServerThread(settings_for(tmp_path, feed_poll=3600.0), clock=clock)  # reads the log only when woken
+    there = ServerThread(settings_for(tmp_path), clock=clock)
+    try:
+        with connect(here.address) as a, connect(there.address) as b:
+            flow_id = published_flow(b, timeout_s=30 * 86400)
+            live = Collector(a)
+            wait_until(lambda: watcher_count(here) == 1)
+            sid = new_session(b, flow_id).session.session_id
+            report(b, sid, "document", "ok")
+            report(b, sid, "liveness", "bad")  # REJECTED: versions 1 and 2 are prunable once old
+            clock.advance(timedelta(days=8))
+            assert there.call(there.server.retention.prune()) == 2
+            new_session(a, published_flow(a))  # this process's own commit wakes its feed, which reads the log
+            with pytest.raises(grpc.RpcError) as info:
+                live.take(10)
+            err = FlowsessionError.from_rpc_error(info.value)
+            assert (err.code, err.reason) == (grpc.StatusCode.OUT_OF_RANGE, "CURSOR_EXPIRED")
+            live.close()
+            resumed = Collector(a, after_cursor=err.metadata["oldest_cursor"])  # what is left, from the loss on
+            try:
+                (first,) = resumed.events(1)
+                assert (first.session.session_id, first.version) == (sid, 3)
+            finally:
+                resumed.close()
+    finally:
+        there.stop()
+        here.stop()
 
 
 def test_watch_sessions_resumes_across_a_restart(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
+from datetime import timedelta
 from pathlib import Path
 from collections.abc import AsyncIterator
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 import pytest
 from flowsession_server.clock import FakeClock
 from flowsession_server.domain.errors import Unavailable
-from flowsession_server.domain.model import SessionEvent
+from flowsession_server.domain.model import LogPosition, SessionEvent
 from flowsession_server.events.feed import Feed
 from flowsession_server.store.store import Store
 
@@ -21,18 +22,25 @@ from .test_store import DEADLINE_S, ENV, T0, Recorder, create, db, published_flo
 POLL = 0.001  # the feed looks at the log's head a thousand times a second: every race gets its chance
 
 
-async def _open_with_feed(path: str, published: list[SessionEvent]) -> tuple[Store, Feed, list[int]]:
-    """A store whose commits go through a feed, and a count of the feed's reads of the log."""
-    store = Store(path, FakeClock(T0))
-    feed = Feed(store, [published.extend], poll_interval=POLL)
-    reads: list[int] = []
-    read_log = store.events_since
+async def _open_with_feed(
+    path: str, published: list[SessionEvent], *, lost: list[LogPosition] | None = None, poll: float = POLL
+) -> tuple[Store, Feed, list[int]]:
+    """A store whose commits go through a feed, and a count of the feed's reads of the log. Losses go to
+    ``lost``; with none given, a loss fails the test."""
 
-    async def counted(after_cursor: int, limit: int) -> list[SessionEvent]:
+    def unexpected(position: LogPosition) -> None:
+        pytest.fail(f"the feed reported events lost up to {position}")
+
+    store = Store(path, FakeClock(T0))
+    feed = Feed(store, [published.extend], poll_interval=poll, on_lost=unexpected if lost is None else lost.append)
+    reads: list[int] = []
+    read_log = store.log_after
+
+    async def counted(after_cursor: int, limit: int) -> tuple[LogPosition, list[SessionEvent]]:
         reads.append(after_cursor)
         return await read_log(after_cursor, limit)
 
-    store.events_since = counted  # type: ignore[method-assign]
+    store.log_after = counted  # type: ignore[method-assign]
     await store.open(feed.on_commit, lambda healthy: None)
     await feed.start()
     return store, feed, reads
@@ -230,7 +238,7 @@ def test_a_commit_right_after_the_feeds_starting_head_is_published(tmp_path: Pat
         await other.open(Recorder().on_commit, lambda healthy: None)
         store = Store(path, FakeClock(T0))
         published: list[SessionEvent] = []
-        feed = Feed(store, [published.extend], poll_interval=POLL)
+        feed = Feed(store, [published.extend], poll_interval=POLL, on_lost=lambda position: pytest.fail(f"lost {position}"))
         try:
             flow = await published_flow(other)
             await store.open(feed.on_commit, lambda healthy: None)
@@ -249,5 +257,40 @@ def test_a_commit_right_after_the_feeds_starting_head_is_published(tmp_path: Pat
             await feed.stop()
             await store.close()
             await other.close()
+
+    asyncio.run(body())
+
+
+def test_events_another_process_pruned_before_the_feed_read_them_are_reported_lost(tmp_path: Path) -> None:
+    """A feed that fell behind another process's commits by more than the retention period read the log
+    with holes where retention had deleted events, and published the rest as if nothing were missing:
+    the WatchSessions streams of its process skipped them. The loss is reported first, then the rest
+    is published."""
+
+    async def body() -> None:
+        path = db(tmp_path)
+        published: list[SessionEvent] = []
+        lost: list[LogPosition] = []
+        store, feed, _ = await _open_with_feed(path, published, lost=lost, poll=3600)  # it looks only when woken
+        clock = FakeClock(T0)
+        other = Store(path, clock)
+        await other.open(Recorder().on_commit, lambda healthy: None)
+        try:
+            flow = await published_flow(other)
+            await create(other, flow.flow_id, "ses_there")
+            await other.change_session(ENV, "ses_there", report("check", "retry"))
+            await other.change_session(ENV, "ses_there", report("check", "ok"))  # ended: prunable once old
+            clock.advance(timedelta(days=8))
+            assert (await other.prune_events(timedelta(days=7))).removed == 2  # before this feed read them
+            oldest = await store.oldest_position()
+            await create(store, flow.flow_id, "ses_here")  # not next to the last published: the feed reads the log
+            await _until(lambda: any(e.session_id == "ses_here" for e in published))
+            assert lost == [oldest]
+            assert [(e.session_id, e.version) for e in published] == [("ses_there", 3), ("ses_here", 1)]
+            assert feed.last_cursor == published[-1].cursor
+        finally:
+            await other.close()
+            await feed.stop()
+            await store.close()
 
     asyncio.run(body())

@@ -77,7 +77,9 @@ class FlowsessionServer:
         self.hub = Hub(queue_size=settings.watch_queue, max_watchers=settings.max_watchers)
         self.store = Store(settings.db_path, clock, synchronous=settings.synchronous, read_threads=settings.read_threads)
         self.expiry = ExpiryScheduler(self.store, clock)
-        self.feed = Feed(self.store, [self.hub.publish, self.expiry.observe], poll_interval=settings.feed_poll)
+        self.feed = Feed(
+            self.store, [self.hub.publish, self.expiry.observe], poll_interval=settings.feed_poll, on_lost=self.hub.lost
+        )
         self.retention = Retention(self.store, settings.event_retention)
         self.health = Health()
         self._stall_sweeper: asyncio.Task[None] | None = None

@@ -16,7 +16,7 @@ from flowsession.v1 import session_service_pb2 as pb
 from ..clock import Clock
 from ..domain.errors import DomainError, FieldViolation, InvalidArgument, OutOfRange, Unavailable
 from ..domain.model import LogPosition, SessionEvent, SessionStatus
-from ..events.hub import Hub, Watcher
+from ..events.hub import Hub, Lost, Watcher
 from ..store.reads import EVENT_PAGE
 from ..store.store import Store
 from . import convert
@@ -293,6 +293,9 @@ class Streams:
                     if watcher.idle and self._hub.high_water.cursor > last.cursor:
                         last = self._hub.high_water
                     await sender.send(pb.WatchSessionsResponse(heartbeat=self._heartbeat(position=last)))
+                elif isinstance(live, Lost):
+                    if live.through.cursor > last.cursor:
+                        raise self._expired("events after the cursor were pruned before this server read them", live.through)
                 elif live.cursor > last.cursor:
                     await send(live, sender)
 

@@ -4,7 +4,9 @@ whichever process on the database file committed it.
 This process's own commits are published at once when they directly follow the last published cursor.
 Otherwise (another process committed in between) and on a short poll of the log's head, the feed reads
 the missing range from the store, so watchers on any process see every change, another process's about
-one poll interval (plus the read) after its commit.
+one poll interval (plus the read) after its commit. Should retention have deleted some of that range
+before the feed read it (the feed fell behind by more than the retention period), ``on_lost`` is told
+where the loss ends, before the rest is published.
 """
 from __future__ import annotations
 
@@ -25,10 +27,18 @@ PAGE = 1000
 class Feed(BackgroundLoop):
     name = "flowsession-feed"
 
-    def __init__(self, store: Store, subscribers: list[Callable[[list[SessionEvent]], None]], *, poll_interval: float):
+    def __init__(
+        self,
+        store: Store,
+        subscribers: list[Callable[[list[SessionEvent]], None]],
+        *,
+        poll_interval: float,
+        on_lost: Callable[[LogPosition], None],
+    ):
         super().__init__()
         self._store = store
         self._subscribers = subscribers
+        self._on_lost = on_lost
         self._poll_interval = poll_interval
         self.last_cursor = 0
         self.head_at_start: LogPosition = START
@@ -99,7 +109,10 @@ class Feed(BackgroundLoop):
         self._catching_up = True
         try:
             while True:
-                events = await self._store.events_since(self.last_cursor, PAGE)
+                oldest, events = await self._store.log_after(self.last_cursor, PAGE)
+                if oldest.cursor > self.last_cursor:  # deleted before it was read: never published
+                    self.last_cursor = oldest.cursor
+                    self._on_lost(oldest)
                 if events:
                     self._publish(events)
                 if len(events) < PAGE:

@@ -11,12 +11,22 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import deque
+from dataclasses import dataclass
 from typing import Callable
 
 from ..domain.errors import DomainError, ResourceExhausted, Unavailable
 from ..domain.model import START, LogPosition, SessionEvent
 
 Match = Callable[[SessionEvent], bool]
+
+
+@dataclass(frozen=True)
+class Lost:
+    """In a WatchSessions watcher's buffer, in order with its events: events up to ``through`` were
+    pruned before this process published them (its change feed fell behind another process's commits
+    by more than the retention period). A stream not yet past ``through`` missed some of them."""
+
+    through: LogPosition
 
 
 class Watcher:
@@ -28,7 +38,7 @@ class Watcher:
         self.key = key  # a session id, or an environment for WatchSessions
         self.match = match
         self._capacity = capacity
-        self._buffer: deque[SessionEvent] = deque()
+        self._buffer: deque[SessionEvent | Lost] = deque()
         self._ready = asyncio.Event()
         self._ended: DomainError | None = None
         self._on_end: Callable[[], None] | None = None
@@ -53,7 +63,7 @@ class Watcher:
         """Events buffered for the stream and not sent yet: never more than the queue size."""
         return len(self._buffer)
 
-    def offer(self, event: SessionEvent) -> None:
+    def offer(self, event: SessionEvent | Lost) -> None:
         if self._ended is not None or self.overflowed:
             return
         if len(self._buffer) >= self._capacity:
@@ -100,8 +110,8 @@ class Watcher:
             self._ready.clear()
             await self._ready.wait()
 
-    async def next_within(self, idle: float) -> SessionEvent | None:
-        """The next event, or None after ``idle`` seconds of waiting for one (a heartbeat is due).
+    async def next_within(self, idle: float) -> SessionEvent | Lost | None:
+        """The next event (or Lost), or None after ``idle`` seconds of waiting for one (a heartbeat is due).
 
         One timer per watcher, armed when a wait starts and re-armed only when it fires early: a timeout
         per event (a timer created, pushed on the loop's heap and cancelled, per event and stream) cost
@@ -208,6 +218,15 @@ class Hub:
                     watcher.offer(event)
         if events and events[-1].cursor > self.high_water.cursor:  # events come in cursor order
             self.high_water = events[-1].position
+
+    def lost(self, through: LogPosition) -> None:
+        """Events up to ``through`` can no longer be published (see Lost): every WatchSessions watcher
+        is told, in order with its events. (A WatchSession finds a missing version in the log itself.)"""
+        for watchers in self._by_environment.values():
+            for watcher in tuple(watchers):
+                watcher.offer(Lost(through))
+        if through.cursor > self.high_water.cursor:
+            self.high_water = through
 
     def cut_stalled(self, now: float, limit: float) -> int:
         """Ends, with WATCHER_TOO_SLOW, every watcher whose write has been blocked for ``limit`` seconds

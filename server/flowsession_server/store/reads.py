@@ -131,13 +131,17 @@ def events_after(conn: sqlite3.Connection, session_id: str, after_version: int, 
     return [codec.event_from_row(r) for r in rows]
 
 
-def events_since(conn: sqlite3.Connection, after_cursor: int, limit: int) -> list[SessionEvent]:
-    rows = conn.execute(
-        f"SELECT {_EVENT_COLUMNS} FROM events e JOIN sessions s ON s.session_id = e.session_id "
-        "WHERE e.cursor > ? ORDER BY e.cursor LIMIT ?",
-        [after_cursor, limit],
-    ).fetchall()
-    return [codec.event_from_row(r) for r in rows]
+def log_after(conn: sqlite3.Connection, after_cursor: int, limit: int) -> tuple[LogPosition, list[SessionEvent]]:
+    """In one snapshot: the oldest resumable position (see oldest_position), and the log after a cursor.
+    Past that cursor, the oldest position says that retention deleted events of the range before they
+    were read."""
+    with _snapshot(conn):
+        rows = conn.execute(
+            f"SELECT {_EVENT_COLUMNS} FROM events e JOIN sessions s ON s.session_id = e.session_id "
+            "WHERE e.cursor > ? ORDER BY e.cursor LIMIT ?",
+            [after_cursor, limit],
+        ).fetchall()
+        return oldest_position(conn), [codec.event_from_row(r) for r in rows]
 
 
 def _environment_filter(environment: str, flow_id: str, statuses: Iterable[SessionStatus], column: str) -> tuple[str, list[Any]]:

@@ -188,8 +188,9 @@ class Store:
     async def events_after(self, session_id: str, after_version: int) -> list[SessionEvent]:
         return await self._read(reads.events_after, session_id, after_version)
 
-    async def events_since(self, after_cursor: int, limit: int) -> list[SessionEvent]:
-        return await self._read(reads.events_since, after_cursor, limit)
+    async def log_after(self, after_cursor: int, limit: int) -> tuple[LogPosition, list[SessionEvent]]:
+        """The oldest resumable position and the log after ``after_cursor``, read in one snapshot."""
+        return await self._read(reads.log_after, after_cursor, limit)
 
     async def environment_events(
         self, environment: str, flow_id: str, statuses: Iterable[SessionStatus], after_cursor: int, limit: int
