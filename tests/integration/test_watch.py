@@ -238,6 +238,18 @@ def test_a_watch_that_stops_reading_is_cut_off_with_the_last_version_it_was_sent
         server.stop()
 
 
+def end_in_four_versions(client, sid: str) -> None:
+    report(client, sid, "document", "ok")
+    report(client, sid, "liveness", "retry")
+    report(client, sid, "liveness", "ok")  # terminal at version 4
+
+
+def resumed_after_1_expires(client, sid: str) -> FlowsessionError:
+    watch = lambda request, timeout: list(client.sessions.WatchSession(request, timeout=timeout))  # noqa: E731
+    request = spb.WatchSessionRequest(environment="live", session_id=sid, after_version=1)
+    return expect_error(watch, request, grpc.StatusCode.OUT_OF_RANGE, "CURSOR_EXPIRED")
+
+
 def test_resuming_after_versions_retention_pruned_is_cursor_expired_not_a_gap(tmp_path):
     clock = FakeClock(SystemClock().now())
     server = ServerThread(settings_for(tmp_path, event_retention=timedelta(days=7)), clock=clock)
@@ -245,19 +257,10 @@ def test_resuming_after_versions_retention_pruned_is_cursor_expired_not_a_gap(tm
         with connect(server.address) as client:
             flow_id = published_flow(client)
             sid = new_session(client, flow_id).session.session_id
-            report(client, sid, "document", "ok")
-            report(client, sid, "liveness", "retry")
-            report(client, sid, "liveness", "ok")  # terminal at version 4
+            end_in_four_versions(client, sid)
             clock.advance(timedelta(days=8))
             assert server.call(server.server.retention.prune()) == 3  # versions 1-3; the latest is kept
-            watch = lambda request, timeout: list(client.sessions.WatchSession(request, timeout=timeout))  # noqa: E731
-            err = expect_error(
-                watch,
-                spb.WatchSessionRequest(environment="live", session_id=sid, after_version=1),
-                grpc.StatusCode.OUT_OF_RANGE,
-                "CURSOR_EXPIRED",
-            )
-            assert err.metadata["oldest_version"] == "4"
+            assert resumed_after_1_expires(client, sid).metadata["oldest_version"] == "4"
             # Nothing after version 3 is missing, and watching from 0 starts at the retained state.
             assert [e.version for e in watch_raw(client, sid, after_version=3)] == [4]
             assert [e.version for e in watch_raw(client, sid)] == [4]
@@ -270,19 +273,10 @@ def test_a_hole_in_a_sessions_versions_is_cursor_expired_not_skipped(server, cli
     versions stamped out of order) was sent with the hole: only its first version was checked."""
     flow_id = published_flow(client)
     sid = new_session(client, flow_id).session.session_id
-    report(client, sid, "document", "ok")
-    report(client, sid, "liveness", "retry")
-    report(client, sid, "liveness", "ok")  # terminal at version 4
+    end_in_four_versions(client, sid)
     with sqlite3.connect(server.settings.db_path) as db:
         db.execute("DELETE FROM events WHERE session_id = ? AND version = 3", [sid])
-    watch = lambda request, timeout: list(client.sessions.WatchSession(request, timeout=timeout))  # noqa: E731
-    err = expect_error(
-        watch,
-        spb.WatchSessionRequest(environment="live", session_id=sid, after_version=1),
-        grpc.StatusCode.OUT_OF_RANGE,
-        "CURSOR_EXPIRED",
-    )
-    assert err.metadata["oldest_version"] == "4"  # what follows on from the hole
+    assert resumed_after_1_expires(client, sid).metadata["oldest_version"] == "4"  # what follows on from the hole
     assert [e.version for e in watch_raw(client, sid, after_version=3)] == [4]
 
 
