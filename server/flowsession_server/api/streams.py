@@ -154,8 +154,9 @@ class Streams:
             )
         self._opening += 1
 
-    async def _next(self, watcher: Watcher) -> SessionEvent | None:
-        """The next live event, or None when the stream has been idle for the heartbeat interval."""
+    async def _next(self, watcher: Watcher) -> SessionEvent | Lost | None:
+        """The next live event, or None when the stream has been idle for the heartbeat interval. (Lost
+        comes only to WatchSessions watchers: Hub.lost.)"""
         return await watcher.next_within(self._settings.heartbeat)
 
     async def watch_session(self, request: pb.WatchSessionRequest, context: grpc.aio.ServicerContext) -> None:
