@@ -6,6 +6,7 @@ import gc
 import weakref
 from typing import Any
 
+from flowsession_server.domain.errors import ResourceExhausted
 from flowsession_server.events.hub import Hub
 
 IDLE = 0.2  # seconds
@@ -70,3 +71,23 @@ def test_a_closed_watcher_is_not_held_by_its_heartbeat_timer() -> None:
         return gone
 
     assert asyncio.run(run())() is None
+
+
+def test_a_closed_watcher_holds_its_place_under_the_limit_until_released() -> None:
+    """A stream the server ended lasts in gRPC until its client reads the end: until then it holds what
+    it was sending, so it counts against --max-watchers, though no event goes to it any more."""
+    hub = Hub(queue_size=10, max_watchers=1)
+    watcher = hub.watch_environment("live", lambda e: True, catching_up=False)
+    watcher.close()
+    assert (hub.watcher_count, hub.open_streams) == (0, 1)
+    try:
+        hub.watch_session("s")
+    except ResourceExhausted as refused:
+        assert refused.reason == "TOO_MANY_WATCHERS"
+    else:
+        raise AssertionError("a watcher beyond the limit was admitted")
+    watcher.release()
+    watcher.release()  # once is enough; again changes nothing
+    assert hub.open_streams == 0
+    hub.watch_session("s").release()
+    assert (hub.watcher_count, hub.open_streams) == (0, 0)

@@ -151,6 +151,7 @@ class Watcher:
             self._arm(loop, due, idle)
 
     def close(self) -> None:
+        """No more events: the stream is over (it still counts against the limit until ``release``)."""
         self._hub.unsubscribe(self)
         if self._timer is not None:
             self._timer.cancel()
@@ -159,6 +160,13 @@ class Watcher:
         # rare full collection, would keep the stream's task and call state alive until then.
         self._on_end = None
 
+    def release(self) -> None:
+        """The stream's call is over, in gRPC too: its place under the watcher limit is free. (A stream
+        ended while its client stopped reading lasts until that client reads, cancels or disconnects:
+        its status waits behind the message gRPC could not send, which that call holds meanwhile.)"""
+        self.close()
+        self._hub.release(self)
+
 
 class Hub:
     def __init__(self, *, queue_size: int, max_watchers: int):
@@ -166,14 +174,21 @@ class Hub:
         self._max_watchers = max_watchers
         self._by_session: dict[str, set[Watcher]] = {}
         self._by_environment: dict[str, set[Watcher]] = {}
-        self._count = 0
+        self._count = 0  # subscribed watchers
+        self._held: set[Watcher] = set()  # every watcher not yet released: what the limit counts
         self._closed: DomainError | None = None
         # The position of the last event published: every event up to it has been offered to every watcher.
         self.high_water: LogPosition = START
 
     @property
     def watcher_count(self) -> int:
+        """Watchers that events go to."""
         return self._count
+
+    @property
+    def open_streams(self) -> int:
+        """Watch streams whose call is not over: what --max-watchers limits."""
+        return len(self._held)
 
     def watchers(self) -> list[Watcher]:
         return [w for index in (self._by_session, self._by_environment) for ws in index.values() for w in ws]
@@ -187,7 +202,7 @@ class Hub:
     def _add(self, index: dict[str, set[Watcher]], key: str, match: Match | None, *, catching_up: bool) -> Watcher:
         if self._closed is not None:
             raise self._closed
-        if self._count >= self._max_watchers:
+        if len(self._held) >= self._max_watchers:
             raise ResourceExhausted(
                 f"this server already has {self._max_watchers} open watch streams",
                 reason="TOO_MANY_WATCHERS",
@@ -197,7 +212,11 @@ class Hub:
         watcher = Watcher(self, index, key, self._queue_size, match, catching_up=catching_up)
         index.setdefault(key, set()).add(watcher)
         self._count += 1
+        self._held.add(watcher)
         return watcher
+
+    def release(self, watcher: Watcher) -> None:
+        self._held.discard(watcher)
 
     def unsubscribe(self, watcher: Watcher) -> None:
         index = watcher.index
