@@ -48,7 +48,9 @@ class Health(health.aio.HealthServicer):
         await errors.refuse_undecodable(request, context)
         return await super().Check(request, context)
 
-    async def List(self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext) -> health_pb2.HealthListResponse:
+    async def List(
+        self, request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthListResponse:
         """Every service's status. grpcio's servicer leaves this newer method of the protocol out: it
         answered UNIMPLEMENTED, "Unexpected NotImplementedError", and logged a traceback per call."""
         await errors.refuse_undecodable(request, context)

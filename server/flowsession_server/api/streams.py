@@ -123,14 +123,14 @@ class Streams:
         body: Callable[[_Sender], Awaitable[None]],
         position: Callable[[], dict[str, str]],
     ) -> None:
-        # The headers go out on their own, first. grpc.aio counts them sent only once the write carrying
-        # them completes, so after interrupting a stream's first write the error status would carry them
-        # again, grpc core refuses that batch (TOO_MANY_OPERATIONS), and the call stays open until the
-        # shutdown grace runs out, without the client hearing why.
         # Counted against --max-watchers until gRPC is done with the call, not only this handler
         # (Watcher.release): this task is the call's, and ends once its status went out. (Not
         # context.add_done_callback: the call state keeps those, a reference cycle per stream.)
         asyncio.current_task().add_done_callback(lambda _: watcher.release())  # type: ignore[union-attr]
+        # The headers go out on their own, first. grpc.aio counts them sent only once the write carrying
+        # them completes, so after interrupting a stream's first write the error status would carry them
+        # again, grpc core refuses that batch (TOO_MANY_OPERATIONS), and the call stays open until the
+        # shutdown grace runs out, without the client hearing why.
         sender = _Sender(context, watcher)
         try:
             await context.send_initial_metadata(())
