@@ -22,17 +22,18 @@ from .test_store import DEADLINE_S, ENV, T0, Recorder, create, db, published_flo
 POLL = 0.001  # the feed looks at the log's head a thousand times a second: every race gets its chance
 
 
+def _unexpected_loss(position: LogPosition) -> None:
+    pytest.fail(f"the feed reported events lost up to {position}")
+
+
 async def _open_with_feed(
     path: str, published: list[SessionEvent], *, lost: list[LogPosition] | None = None, poll: float = POLL
 ) -> tuple[Store, Feed, list[int]]:
     """A store whose commits go through a feed, and a count of the feed's reads of the log. Losses go to
     ``lost``; with none given, a loss fails the test."""
 
-    def unexpected(position: LogPosition) -> None:
-        pytest.fail(f"the feed reported events lost up to {position}")
-
     store = Store(path, FakeClock(T0))
-    feed = Feed(store, [published.extend], poll_interval=poll, on_lost=unexpected if lost is None else lost.append)
+    feed = Feed(store, [published.extend], poll_interval=poll, on_lost=_unexpected_loss if lost is None else lost.append)
     reads: list[int] = []
     read_log = store.log_after
 
@@ -238,7 +239,7 @@ def test_a_commit_right_after_the_feeds_starting_head_is_published(tmp_path: Pat
         await other.open(Recorder().on_commit, lambda healthy: None)
         store = Store(path, FakeClock(T0))
         published: list[SessionEvent] = []
-        feed = Feed(store, [published.extend], poll_interval=POLL, on_lost=lambda position: pytest.fail(f"lost {position}"))
+        feed = Feed(store, [published.extend], poll_interval=POLL, on_lost=_unexpected_loss)
         try:
             flow = await published_flow(other)
             await store.open(feed.on_commit, lambda healthy: None)
