@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import pytest
 from google.rpc import error_details_pb2, status_pb2
-from flowsession_server.api import errors
+from flowsession_server.api import errors, streams
 from flowsession_server.domain.errors import MAX_VIOLATIONS, FieldViolation, InvalidArgument, NotFound, Unavailable, Violations
 
 
@@ -99,3 +100,25 @@ def test_a_drain_ends_at_its_limit_however_busy():
         assert await asyncio.wait_for(draining, 5) >= 0.05
 
     asyncio.run(body())
+
+
+def _grpc_record(message: str) -> logging.LogRecord:
+    return logging.LogRecord("grpc._cython.cygrpc", logging.ERROR, __file__, 1, message, None, None)
+
+
+@pytest.mark.parametrize("method", streams.WATCH_METHODS)
+def test_a_watch_streams_final_status_failing_is_no_error(method):
+    record = _grpc_record(f"ExecuteBatchError raised in core by servicer method [{method}]")
+    assert not streams.CLIENT_GONE_FILTER.filter(record)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "ExecuteBatchError raised in core by servicer method [/flowsession.v1.SessionService/ReportStepResult]",
+        "Unexpected [ValueError] raised by servicer method [/flowsession.v1.SessionService/WatchSession]",
+    ],
+)
+def test_other_grpc_errors_are_still_logged(message):
+    # A unary call's status, or anything but a failed batch, can be a real fault: left to grpc's log.
+    assert streams.CLIENT_GONE_FILTER.filter(_grpc_record(message))

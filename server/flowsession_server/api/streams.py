@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import random
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
@@ -21,8 +22,33 @@ from ..store.reads import EVENT_PAGE
 from ..store.store import Store
 from . import convert
 
+log = logging.getLogger(__name__)
 
 MAX_CURSOR = 2**63 - 1  # SQLite's largest integer
+WATCH_METHODS = tuple(f"/{pb.DESCRIPTOR.services_by_name['SessionService'].full_name}/{m}" for m in ("WatchSession", "WatchSessions"))
+_FINAL_STATUS_FAILED = "ExecuteBatchError raised in core by servicer method ["
+
+
+class ClientGoneFilter(logging.Filter):
+    """For grpc.aio's logger: a watch stream's final status that could not be sent because its client left
+    is not an error. A stream cut while its client read nothing (too slow, a shutdown) has its status
+    wait behind the message flow control holds back; when that client disconnects, the status batch
+    fails before grpc.aio has seen the client go, so it logged an ERROR with a traceback for every such
+    client. The watch methods' own writes turn that failure into a cancellation (_Sender), so on them it
+    can only be the final status: logged here at DEBUG, without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.msg
+        if not isinstance(message, str) or not message.startswith(_FINAL_STATUS_FAILED):
+            return True
+        method = message[len(_FINAL_STATUS_FAILED) :].rstrip("]")
+        if method not in WATCH_METHODS:
+            return True
+        log.debug("%s: the client left before the stream's final status was sent", method)
+        return False
+
+
+CLIENT_GONE_FILTER = ClientGoneFilter()
 
 
 @dataclass
@@ -54,6 +80,12 @@ class _Sender:
         if self._sending and self._task is not None:
             self.interrupted = True
             self._task.cancel()
+
+    async def headers(self) -> None:
+        try:
+            await self._context.send_initial_metadata(())
+        except grpc.aio.InternalError:  # as in send: the client went away
+            raise asyncio.CancelledError from None
 
     async def send(self, message: Any) -> None:
         # Ended while not sending (reading the log, say): _interrupt had nothing to cancel, and a send
@@ -133,7 +165,7 @@ class Streams:
         # shutdown grace runs out, without the client hearing why.
         sender = _Sender(context, watcher)
         try:
-            await context.send_initial_metadata(())
+            await sender.headers()
             await body(sender)
         except asyncio.CancelledError:
             if not sender.interrupted:
