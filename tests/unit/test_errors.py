@@ -103,7 +103,7 @@ def test_a_drain_ends_at_its_limit_however_busy():
 
 
 def _grpc_record(message: str) -> logging.LogRecord:
-    return logging.LogRecord("grpc._cython.cygrpc", logging.ERROR, __file__, 1, message, None, None)
+    return logging.LogRecord(streams.GRPC_AIO_LOGGER, logging.ERROR, __file__, 1, message, None, None)
 
 
 @pytest.mark.parametrize("method", streams.WATCH_METHODS)

@@ -24,7 +24,7 @@ from .flow_service import FlowService
 from .health import Health
 from .reflection import Reflection
 from .session_service import SessionService
-from .streams import CLIENT_GONE_FILTER, Streams, WatchSettings
+from .streams import CLIENT_GONE_FILTER, GRPC_AIO_LOGGER, Streams, WatchSettings
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class FlowsessionServer:
             await self.health.set(name, status)
 
     async def start(self, address: str) -> int:
-        logging.getLogger("grpc._cython.cygrpc").addFilter(CLIENT_GONE_FILTER)  # once per process: same filter
+        logging.getLogger(GRPC_AIO_LOGGER).addFilter(CLIENT_GONE_FILTER)  # once per process: the same filter
         await self.store.open(self.feed.on_commit, self._on_health)
         await self.feed.start()
         # "Now" for new watchers is the log's head at start, not the beginning of the log.

@@ -25,7 +25,9 @@ from . import convert
 log = logging.getLogger(__name__)
 
 MAX_CURSOR = 2**63 - 1  # SQLite's largest integer
-WATCH_METHODS = tuple(f"/{pb.DESCRIPTOR.services_by_name['SessionService'].full_name}/{m}" for m in ("WatchSession", "WatchSessions"))
+_SERVICE = pb.DESCRIPTOR.services_by_name["SessionService"].full_name
+WATCH_METHODS = (f"/{_SERVICE}/WatchSession", f"/{_SERVICE}/WatchSessions")
+GRPC_AIO_LOGGER = "grpc._cython.cygrpc"
 _FINAL_STATUS_FAILED = "ExecuteBatchError raised in core by servicer method ["
 
 
