@@ -63,6 +63,15 @@ def watcher_count(server: ServerThread) -> int:
     return server.call(count())
 
 
+def open_streams(server: ServerThread) -> int:
+    """The watch streams whose gRPC call is not over (what --max-watchers counts), read on its loop."""
+
+    async def count() -> int:
+        return server.server.hub.open_streams
+
+    return server.call(count())
+
+
 class ServerProcess:
     """`flowsession serve` as a child process (for SIGKILL, SIGTERM and restart tests). Every one started
     is closed (killed if still running) when its test ends, even a failing one: see ``close_all``."""

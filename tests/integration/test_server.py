@@ -49,6 +49,7 @@ from ..support import (
     rpc_error,
     settings_for,
     wait_until,
+    open_streams,
     watcher_count,
 )
 
@@ -443,15 +444,11 @@ def test_a_cut_stream_whose_client_then_leaves_logs_no_error(tmp_path, caplog):
             stream = watcher.sessions.WatchSession(spb.WatchSessionRequest(environment="live", session_id=sid), timeout=30)
             wait_until(lambda: "cut 1 watch streams" in caplog.text)
             del stream  # unread: the client leaves with the channel
-        wait_until(lambda: server.call(_open_streams(server)) == 0)  # the call is over in gRPC too
+        wait_until(lambda: open_streams(server) == 0)  # the call is over in gRPC too
     finally:
         server.stop()
     # (About one run in fifty, grpc.aio sees the client go first and logs nothing either way.)
     assert [r.getMessage() for r in caplog.records if r.name.startswith("grpc") and r.levelno >= logging.ERROR] == []
-
-
-async def _open_streams(server: ServerThread) -> int:
-    return server.server.hub.open_streams
 
 
 def _shut_down_during_the_write_in_flight(server, stream, session_id: str) -> FlowsessionError:

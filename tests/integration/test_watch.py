@@ -25,6 +25,7 @@ from ..support import (
     expect_error,
     first_events,
     new_session,
+    open_streams,
     published_flow,
     report,
     settings_for,
@@ -393,12 +394,6 @@ def test_a_cut_stream_whose_client_still_reads_nothing_counts_against_the_watche
     holds that message (about 230 KB here) until its client reads, cancels or disconnects: a hung client
     never does. Such streams left the limit's count at the cut, so they piled up without bound."""
 
-    def open_streams() -> int:
-        async def count() -> int:
-            return server.server.hub.open_streams
-
-        return server.call(count())
-
     server = ServerThread(settings_for(tmp_path, watch_write_timeout=0.3, max_watchers=2))
     try:
         with connect(server.address) as client:
@@ -407,14 +402,14 @@ def test_a_cut_stream_whose_client_still_reads_nothing_counts_against_the_watche
             stalled = [client.sessions.WatchSession(request, timeout=TIMEOUT) for _ in range(2)]
             assert [next(s).event.version for s in stalled] == [2, 2]  # open; now they stop reading
             wait_until(lambda: watcher_count(server) == 0, timeout=5.0)  # both cut
-            assert open_streams() == 2
+            assert open_streams(server) == 2
             with connect(server.address) as other:  # the stalled connection delivers nothing more
                 watch = lambda request, timeout: list(other.sessions.WatchSession(request, timeout=timeout))  # noqa: E731
                 expect_error(watch, request, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOO_MANY_WATCHERS")
                 stalled[0].cancel()  # its client lets go: the call ends, and its place is free
-                wait_until(lambda: open_streams() == 1)
+                wait_until(lambda: open_streams(server) == 1)
                 assert [e.version for e in first_events(other, sid, 1, after_version=61)] == [62]
             stalled[1].cancel()
-            wait_until(lambda: open_streams() == 0)
+            wait_until(lambda: open_streams(server) == 0)
     finally:
         server.stop()
